@@ -1,0 +1,321 @@
+"""The job: one frozen, typed configuration that every party loads, hashes and checks.
+
+A job file is TOML. Every party holds an identical copy; `JobConfig.fingerprint()` hashes its
+canonical form and the parties compare fingerprints before any data is shared. Private things (a
+party's dataset path) are not part of the job.
+
+    name = "rotten-tomatoes"
+    labels = ["fresh", "rotten"]
+
+    [[party]]
+    name = "alice"
+    roles = ["data_owner"]
+
+    [[party]]
+    name = "bob"
+    roles = ["data_owner", "model_owner"]
+
+    [[party]]
+    name = "dealer"
+    roles = ["dealer"]
+
+    [backbone]  # optional sections: every field has a default
+    layer = 4
+    [head]
+    d_model = 64
+    [train]
+    epochs = 2
+    [mpc]
+    rendezvous = "tcp://127.0.0.1:29500"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpc_ft.errors import BadInput
+
+ROLES = ("data_owner", "model_owner", "dealer")
+HEAD_REVEALS = ("model_owner", "nobody")
+
+
+@dataclass(frozen=True)
+class PartyConfig:
+    name: str
+    roles: tuple[str, ...]
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    path: str = "default"  # "default": the packaged all-MiniLM-L6-v2; else a local HF model dir
+    layer: int = 4  # hidden_states index (0 = embeddings); 4 beat MiniLM's last layer by ~3 points
+    max_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    d_model: int = 64
+    num_heads: int = 2
+    d_ffn: int = 128
+    num_blocks: int = 1
+    project_input: bool = True  # False: the backbone width is the model width (no projection)
+    ln_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0  # batch order and the model owner's initial head
+
+
+@dataclass(frozen=True)
+class MpcConfig:
+    provider: str = "TTP"
+    allow_insecure_provider: bool = False  # must be true to use TFP
+    # 0 = by party count, as measured: 2 parties use 16 bits (their truncation is local and fails
+    # with probability ~|x| 2^(2 bits - 64) per element, so 20 bits corrupts a step every few
+    # steps); 3+ parties use 20 bits (16 puts some gradients 14-44% off; their truncation is exact).
+    precision_bits: int = 0
+    rendezvous: str = "tcp://127.0.0.1:29500"
+    timeout_s: float = 300.0
+    socket_ifname: str = ""
+
+
+@dataclass(frozen=True)
+class RevealConfig:
+    head: str = "model_owner"  # or "nobody": the trained head stays secret-shared
+    epoch_metrics: bool = True  # per-epoch mean loss and accuracy, as aggregates, to all parties
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    labels: tuple[str, ...]
+    parties: tuple[PartyConfig, ...]
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mpc: MpcConfig = field(default_factory=MpcConfig)
+    reveal: RevealConfig = field(default_factory=RevealConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # --- roles, by name -------------------------------------------------------------------
+    @property
+    def compute_parties(self) -> tuple[PartyConfig, ...]:
+        """Every non-dealer party computes; their order in the job file is their MPC rank."""
+        return tuple(p for p in self.parties if "dealer" not in p.roles)
+
+    @property
+    def data_owners(self) -> tuple[PartyConfig, ...]:
+        return tuple(p for p in self.compute_parties if "data_owner" in p.roles)
+
+    @property
+    def model_owner(self) -> PartyConfig:
+        return next(p for p in self.parties if "model_owner" in p.roles)
+
+    @property
+    def dealer(self) -> PartyConfig | None:
+        return next((p for p in self.parties if "dealer" in p.roles), None)
+
+    def party(self, name: str) -> PartyConfig:
+        for p in self.parties:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.parties)
+        raise BadInput(f"job {self.name!r}: no party named {name!r} (parties: {known})")
+
+    def rank(self, name: str) -> int:
+        """MPC rank of a party: computing parties in file order, then the dealer."""
+        party = self.party(name)
+        if "dealer" in party.roles:
+            return len(self.compute_parties)
+        return self.compute_parties.index(party)
+
+    @property
+    def precision_bits(self) -> int:
+        """Fractional bits of CrypTen's fixed point for this job (see MpcConfig.precision_bits)."""
+        return self.mpc.precision_bits or auto_precision_bits(len(self.compute_parties))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    # --- identity ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """sha256 over the canonical JSON form (sorted keys, tuples as lists)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_toml(self) -> str:
+        return _to_toml(self.to_dict())
+
+    def replace(self, **sections: Any) -> JobConfig:
+        """A copy with sections, or fields of sections, replaced: replace(train={'epochs': 3})."""
+        changes = {}
+        for key, value in sections.items():
+            current = getattr(self, key)
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                value = dataclasses.replace(current, **value)
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
+
+
+def auto_precision_bits(compute_parties: int) -> int:
+    return 16 if compute_parties == 2 else 20
+
+
+def _validate(job: JobConfig) -> None:
+    where = f"job {job.name!r}"
+    names = [p.name for p in job.parties]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BadInput(f"{where}: duplicate party name(s): {', '.join(duplicates)}")
+    for p in job.parties:
+        unknown = [r for r in p.roles if r not in ROLES]
+        if not p.roles or unknown:
+            raise BadInput(f"{where}: party {p.name!r} has unknown or no roles {list(p.roles)}")
+        if "dealer" in p.roles and len(p.roles) > 1:
+            raise BadInput(f"{where}: the dealer {p.name!r} may hold no other role")
+    if len(job.compute_parties) < 2:
+        raise BadInput(f"{where}: MPC needs at least 2 computing (non-dealer) parties")
+    owners = [p.name for p in job.parties if "model_owner" in p.roles]
+    if len(owners) != 1:
+        raise BadInput(f"{where}: exactly one model_owner needed, found {owners or 'none'}")
+    if not job.data_owners:
+        raise BadInput(f"{where}: no data_owner")
+    dealers = [p.name for p in job.parties if "dealer" in p.roles]
+    if len(dealers) > 1:
+        raise BadInput(f"{where}: more than one dealer: {dealers}")
+    if job.mpc.provider not in ("TTP", "TFP"):
+        raise BadInput(f"{where}: mpc.provider must be TTP or TFP, not {job.mpc.provider!r}")
+    if job.mpc.provider == "TTP" and not dealers:
+        raise BadInput(f"{where}: provider TTP needs a party with the dealer role")
+    if job.mpc.provider == "TFP" and not job.mpc.allow_insecure_provider:
+        raise BadInput(f"{where}: provider TFP is insecure; set mpc.allow_insecure_provider")
+    if len(set(job.labels)) != len(job.labels) or len(job.labels) < 2:
+        raise BadInput(f"{where}: labels must be at least 2 distinct names, got {job.labels}")
+    if job.head.d_model % job.head.num_heads:
+        raise BadInput(f"{where}: head.d_model must be divisible by head.num_heads")
+    if job.reveal.head not in HEAD_REVEALS:
+        raise BadInput(f"{where}: reveal.head must be one of {HEAD_REVEALS}")
+    positive = {
+        "backbone.max_tokens": job.backbone.max_tokens,
+        "head.d_model": job.head.d_model,
+        "head.d_ffn": job.head.d_ffn,
+        "head.num_blocks": job.head.num_blocks,
+        "train.epochs": job.train.epochs,
+        "train.batch_size": job.train.batch_size,
+        "train.eval_batch_size": job.train.eval_batch_size,
+        "train.lr": job.train.lr,
+        "mpc.timeout_s": job.mpc.timeout_s,
+    }
+    bad = [k for k, v in positive.items() if not v > 0]
+    if bad:
+        raise BadInput(f"{where}: {', '.join(bad)} must be positive")
+    if job.mpc.precision_bits and not 8 <= job.mpc.precision_bits <= 24:
+        raise BadInput(f"{where}: mpc.precision_bits must be 0 (auto) or in [8, 24]")
+
+
+# --- TOML -> dataclass, with types checked and nothing unknown accepted ----------------------
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read a job file; BadInput (one line, naming the file) for anything wrong in it."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such job file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise BadInput(f"{path}: not a readable TOML job file ({e})") from None
+    return job_from_dict(data, where=str(path))
+
+
+def job_from_dict(data: dict[str, Any], where: str = "job") -> JobConfig:
+    data = dict(data)
+    if "party" in data:
+        data["parties"] = data.pop("party")
+    try:
+        return _build(JobConfig, data, where)
+    except BadInput as e:
+        message = str(e)
+        raise BadInput(message if message.startswith(where) else f"{where}: {message}") from None
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise BadInput(f"{where}: expected a table for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise BadInput(f"{where}: unknown key(s) {', '.join(unknown)} in {cls.__name__}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], f"{where}: {name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BadInput(f"{where}: missing key {name!r} in {cls.__name__}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is tuple:
+        (item, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise BadInput(f"{where} must be a list")
+        return tuple(_coerce(item, v, where) for v in value)
+    if origin in (types.UnionType, typing.Union):
+        raise TypeError("unions are not used in job configs")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise BadInput(f"{where} must be true or false, not {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise BadInput(f"{where} must be {tp.__name__}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _to_toml(data: dict[str, Any]) -> str:
+    top = {k: v for k, v in data.items() if k != "parties" and not isinstance(v, dict)}
+    lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+    for party in data["parties"]:
+        lines += ["", "[[party]]"] + [f"{k} = {_toml_value(v)}" for k, v in party.items()]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"

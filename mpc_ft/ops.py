@@ -1,0 +1,218 @@
+"""The head's building blocks, in two backends with one meaning: plaintext torch and CrypTen.
+
+`TorchOps` is the plaintext twin: ordinary torch autograd. `MpcOps` computes the same functions on
+secret shares. CrypTen lacks LayerNorm, GELU, masked attention and a usable cross-entropy, and its
+`inv_sqrt` has no autograd, so the MPC backend implements these as CrypTen autograd functions with
+hand-derived backward passes (registered by `compat.init_party`):
+
+- `mpcft_normalize`: (x - mean) / sqrt(var + eps) over the last dim, one inverse square root per
+  row; backward: dx = r * (g - mean(g) - xhat * mean(g * xhat)).
+- `mpcft_masked_softmax`: exp(s - rowmax) * mask / sum; the mask multiplies the exponentials (adding
+  -1e9 would break CrypTen's exp below -512); the row max is taken without gradient (CrypTen's max
+  would cut it); backward: ds = p * (g - sum(g * p)).
+- `mpcft_cross_entropy`: mean over the batch of logsumexp(l) - <y, l>; the log only ever sees the
+  row sum of exponentials in [1, C], where CrypTen's log is accurate; backward: (softmax - y) / B.
+
+Traps from shared/CRYPTEN_NOTES.md avoided here (each pinned in tests/test_ops_mpc.py): indexing
+drops gradients (we use narrow/index_select), `max()` cuts gradients (taken on detached values),
+`var(unbiased=False)` is inverted (we use the mean of squares), `x ** 2` raises (we use square()).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+import torch
+
+GELU_K = math.sqrt(2.0 / math.pi)
+
+
+class TorchOps:
+    """Plaintext backend: the twin and the reference for every parity test."""
+
+    name = "plaintext"
+
+    @staticmethod
+    def linear(x: Any, weight: Any, bias: Any) -> Any:
+        return x.matmul(weight) + bias
+
+    @staticmethod
+    def layer_norm(x: torch.Tensor, gamma: Any, beta: Any, eps: float) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        var = centred.square().mean(-1, keepdim=True)
+        return centred * torch.rsqrt(var + eps) * gamma + beta
+
+    @staticmethod
+    def gelu(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(GELU_K * (x + 0.044715 * x * x.square())))
+
+    @staticmethod
+    def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        shifted = scores - scores.detach().amax(-1, keepdim=True)
+        e = shifted.exp() * mask
+        return e / e.sum(-1, keepdim=True)
+
+    @staticmethod
+    def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """h [B,T,D], mask [B,T] -> [B,D]: mean over the real tokens of each row."""
+        return (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        return (torch.logsumexp(logits, -1) - (onehot * logits).sum(-1)).mean()
+
+    @staticmethod
+    def correct(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """Number of rows whose argmax is the labelled class (a 0-dim tensor)."""
+        return (logits.argmax(-1) == onehot.argmax(-1)).sum().float()
+
+    # --- autograd and data plumbing, so one training loop serves both backends ---------------
+    @staticmethod
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(True)
+
+    @staticmethod
+    def no_grad() -> contextlib.AbstractContextManager:
+        return torch.no_grad()
+
+    @staticmethod
+    def rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, index)
+
+    @staticmethod
+    def stack(values: list[Any]) -> Any:
+        return torch.stack(values)
+
+    @staticmethod
+    def zero() -> torch.Tensor:
+        return torch.zeros(())
+
+
+class MpcOps(TorchOps):
+    """CrypTen backend: the same functions on secret shares (CrypTensor on the left of every op)."""
+
+    name = "mpc"
+
+    def __init__(self, crypten: Any) -> None:
+        self.crypten = crypten
+
+    @staticmethod
+    def layer_norm(x: Any, gamma: Any, beta: Any, eps: float) -> Any:
+        return x.mpcft_normalize(eps) * gamma + beta
+
+    @staticmethod
+    def gelu(x: Any) -> Any:
+        return x * ((x + x * x.square() * 0.044715) * GELU_K).tanh().add(1.0) * 0.5
+
+    @staticmethod
+    def masked_softmax(scores: Any, mask: Any) -> Any:
+        return scores.mpcft_masked_softmax(mask)
+
+    @staticmethod
+    def masked_mean(h: Any, mask: Any) -> Any:
+        from mpc_ft.compat import all_positive
+
+        with all_positive():
+            inverse_count = mask.sum(1, keepdim=True).reciprocal()  # one reciprocal per example
+        return (h * mask.unsqueeze(-1)).sum(1) * inverse_count
+
+    @staticmethod
+    def cross_entropy(logits: Any, onehot: Any) -> Any:
+        return logits.mpcft_cross_entropy(onehot)
+
+    @staticmethod
+    def correct(logits: Any, onehot: Any) -> Any:
+        return (logits.argmax(dim=-1, one_hot=True) * onehot).sum()
+
+    @staticmethod
+    def leaf(t: Any) -> Any:
+        t = t.detach()
+        t.requires_grad = True
+        return t
+
+    def no_grad(self) -> contextlib.AbstractContextManager:
+        return self.crypten.no_grad()
+
+    def stack(self, values: list[Any]) -> Any:
+        return self.crypten.stack(values)
+
+    def zero(self) -> Any:
+        return self.crypten.cryptensor(torch.zeros(()))
+
+
+# --- CrypTen autograd functions (classes built lazily: importing ops must not import crypten) ---
+
+
+@contextlib.contextmanager
+def _positive() -> Iterator[None]:
+    from mpc_ft.compat import all_positive
+
+    with all_positive():
+        yield
+
+
+@cache
+def mpc_autograd_functions() -> dict[str, type]:
+    """name -> AutogradFunction subclass; compat registers them with CrypTen."""
+    from crypten.gradients import AutogradFunction
+
+    class Normalize(AutogradFunction):
+        @staticmethod
+        def forward(ctx: Any, x: Any, eps: float) -> Any:
+            centred = x - x.mean(-1, keepdim=True)
+            var = centred.square().mean(-1, keepdim=True)  # not var(): its `unbiased` is inverted
+            r = (var + eps).inv_sqrt()  # [..., 1]: one inverse square root per row
+            xhat = centred * r
+            ctx.save_multiple_for_backward([xhat, r])
+            return xhat
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            xhat, r = ctx.saved_tensors
+            inner = g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)
+            return inner * r
+
+    class MaskedSoftmax(AutogradFunction):
+        @staticmethod
+        def forward(ctx: Any, scores: Any, mask: Any) -> Any:
+            row_max = scores.max(-1, keepdim=True)[0]  # no grad is recorded inside forward
+            e = (scores - row_max).exp() * mask
+            with _positive():
+                p = e * e.sum(-1, keepdim=True).reciprocal()
+            ctx.mark_non_differentiable(mask)
+            ctx.save_for_backward(p)
+            return p
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            (p,) = ctx.saved_tensors
+            return p * (g - (g * p).sum(-1, keepdim=True)), None
+
+    class CrossEntropy(AutogradFunction):
+        @staticmethod
+        def forward(ctx: Any, logits: Any, onehot: Any) -> Any:
+            row_max = logits.max(-1, keepdim=True)[0]
+            e = (logits - row_max).exp()
+            total = e.sum(-1, keepdim=True)  # in [1, C]
+            with _positive():
+                p = e * total.reciprocal()
+            logsumexp = total.log() + row_max
+            loss = (logsumexp - (onehot * logits).sum(-1, keepdim=True)).mean()
+            ctx.mark_non_differentiable(onehot)
+            ctx.save_multiple_for_backward([p, onehot])
+            return loss
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            p, onehot = ctx.saved_tensors
+            return (p - onehot) * g.div(p.size(0)), None
+
+    return {
+        "mpcft_normalize": Normalize,
+        "mpcft_masked_softmax": MaskedSoftmax,
+        "mpcft_cross_entropy": CrossEntropy,
+    }

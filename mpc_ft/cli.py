@@ -2,7 +2,7 @@
 
     mpc-ft demo [--out DIR] [--data-owners N] [--dataset FILE] [--test-dataset FILE]
                 [--backbone DIR] [--train-size N] [--test-size N] [--epochs N]
-                [--max-tokens N] [--seed N] [--separate-model-owner]
+                [--max-tokens N] [--layer N] [--seed N] [--separate-model-owner]
     mpc-ft party --job JOB.toml --party NAME [--data FILE] [--test-data FILE] [--out DIR]
 
 Exit codes: 0 success; 2 bad input or configuration (one line on stderr); 3 a peer failed or
@@ -14,12 +14,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mpc_ft.errors import BadInput, PeerFailure
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too (exit 2), not argparse's usage block then the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mpc-ft: error: {message} (see: {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpc-ft", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="mpc-ft", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="local multi-party fine-tuning, one process per party")
@@ -37,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-size", type=int, default=600)
     demo.add_argument("--epochs", type=int, default=2)
     demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument(
+        "--layer",
+        type=int,
+        help="backbone hidden layer (default: 4 for the packaged MiniLM, the last layer otherwise)",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cache", type=Path, help="feature cache (default: next to --out)")
     demo.add_argument("--no-progress", action="store_true")
@@ -69,6 +82,7 @@ def _demo(args: argparse.Namespace) -> None:
             test_size=args.test_size,
             epochs=args.epochs,
             max_tokens=args.max_tokens,
+            layer=args.layer,
             seed=args.seed,
             cache_dir=args.cache,
             progress=not args.no_progress,

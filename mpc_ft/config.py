@@ -254,6 +254,8 @@ def job_from_dict(data: dict[str, Any], where: str = "job") -> JobConfig:
     data = dict(data)
     if "party" in data:
         data["parties"] = data.pop("party")
+    elif "parties" not in data:
+        raise BadInput(f"{where}: no [[party]] tables")
     try:
         return _build(JobConfig, data, where)
     except BadInput as e:
@@ -303,8 +305,9 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
+    if isinstance(v, str):  # ASCII; TOML's \UXXXXXXXX, as JSON's surrogate pairs are not TOML
+        escaped = (c if " " <= c <= "~" and c not in '"\\' else f"\\U{ord(c):08x}" for c in v)
+        return '"' + "".join(escaped) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

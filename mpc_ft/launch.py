@@ -25,7 +25,7 @@ from typing import IO, Any
 import torch
 
 from mpc_ft import data as data_lib
-from mpc_ft.config import JobConfig, PartyConfig, job_from_dict
+from mpc_ft.config import BackboneConfig, JobConfig, PartyConfig, job_from_dict
 from mpc_ft.errors import BadInput, PeerFailure
 from mpc_ft.multiparty import free_port
 
@@ -44,6 +44,7 @@ class DemoOptions:
     test_size: int = 600
     epochs: int = 2
     max_tokens: int = 32
+    layer: int | None = None  # None: 4 for the packaged MiniLM (measured best), else the last
     seed: int = 0
     cache_dir: Path | None = None
     progress: bool = True
@@ -94,12 +95,15 @@ def prepare_data(opts: DemoOptions) -> tuple[data_lib.LabelledTexts, data_lib.La
 
 def build_job(opts: DemoOptions, labels: tuple[str, ...]) -> JobConfig:
     parties = demo_parties(opts.data_owners, opts.separate_model_owner)
+    layer = opts.layer
+    if layer is None:
+        layer = BackboneConfig.layer if opts.backbone == "default" else -1
     return job_from_dict(
         {
             "name": "demo",
             "labels": list(labels),
             "parties": [{"name": p.name, "roles": list(p.roles), "host": p.host} for p in parties],
-            "backbone": {"path": opts.backbone, "max_tokens": opts.max_tokens},
+            "backbone": {"path": opts.backbone, "max_tokens": opts.max_tokens, "layer": layer},
             "train": {"epochs": opts.epochs, "seed": opts.seed},
             "mpc": {"rendezvous": f"tcp://127.0.0.1:{free_port()}"},
         },
@@ -166,6 +170,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from mpc_ft import backbone, report
 
     start = time.perf_counter()
+    _check_out(opts.out)
     train_texts, test_texts, dataset_name = prepare_data(opts)
     labels = data_lib.label_names(train_texts)
     job = build_job(opts, labels)
@@ -246,6 +251,14 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     print(f"\nreport: {opts.out / 'report.json'}, plot: {opts.out / 'loss.png'}, "
           f"trained head: {opts.out / 'head'}")  # fmt: skip
     return rep
+
+
+def _check_out(out: Path) -> None:
+    """A finished run replaces --out: refuse anything but an empty or earlier run directory."""
+    if out.exists() and not (
+        out.is_dir() and (not any(out.iterdir()) or (out / "report.json").is_file())
+    ):
+        raise BadInput(f"--out {out}: exists and is not an earlier run directory (no report.json)")
 
 
 def _resolve_backbone(job: JobConfig) -> str:

@@ -1,0 +1,95 @@
+"""Training and sharing under MPC against the plaintext twin, through the multi-party helper."""
+
+from __future__ import annotations
+
+import torch
+
+from mpc_ft import head as head_def
+from mpc_ft import train
+from mpc_ft.config import BackboneConfig, HeadConfig, JobConfig, PartyConfig, TrainConfig
+from mpc_ft.multiparty import run_multiparty
+from mpc_ft.ops import MpcOps, TorchOps
+
+HEAD = HeadConfig(d_model=16, num_heads=2, d_ffn=32, num_blocks=1)
+TRAIN = TrainConfig(epochs=1, batch_size=8, lr=0.1, momentum=0.9, weight_decay=0.01, seed=3)
+
+
+def _data(n=16, t=8, d=24, c=2) -> train.Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, t, d, generator=g)
+    mask = (torch.arange(t) < torch.randint(2, t + 1, (n, 1), generator=g)).float()
+    y = torch.nn.functional.one_hot(torch.randint(0, c, (n,), generator=g), c).float()
+    return train.Dataset(x * mask.unsqueeze(-1), mask, y)
+
+
+def _train_party(rank, params, data):
+    import crypten
+
+    from mpc_ft.sharing import Revealer
+
+    ops = MpcOps(crypten)
+    shared = {k: crypten.cryptensor(v, src=1) for k, v in params.items()}
+    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in (data.x, data.mask, data.y)))
+    job = _job(2)
+    revealer = Revealer(job, rank)
+    trained, history = train.train(
+        shared, sdata, head=HEAD, train_cfg=TRAIN, ops=ops, reveal_scalars=revealer.scalars
+    )
+    return {k: v.get_plain_text() for k, v in trained.items()}, history, revealer.log
+
+
+def _job(owners: int) -> JobConfig:
+    parties = [PartyConfig(f"p{i}", ("data_owner",)) for i in range(owners)]
+    parties.append(PartyConfig("m", ("model_owner",)))
+    parties.append(PartyConfig("dealer", ("dealer",)))
+    return JobConfig(
+        name="t", labels=("a", "b"), parties=tuple(parties), backbone=BackboneConfig(max_tokens=4)
+    )
+
+
+def test_two_mpc_training_steps_match_the_twin():
+    data = _data()
+    params = head_def.init_params(HEAD, 24, 2, seed=0)
+    twin, twin_history = train.train(
+        params, data, head=HEAD, train_cfg=TRAIN, ops=TorchOps,
+        reveal_scalars=train.plaintext_reveal,
+    )  # fmt: skip
+    mpc, history, log = run_multiparty(_train_party, parties=2, args=(params, data))[0]
+    assert history.steps == twin_history.steps == 2
+    assert abs(history.loss[0] - twin_history.loss[0]) < 5e-3
+    assert history.accuracy == twin_history.accuracy
+    for name in twin:
+        scale = (twin[name] - params[name]).abs().max().item()  # how far training moved it
+        err = (mpc[name] - twin[name]).abs().max().item()
+        assert err <= 0.05 * scale + 2e-3, (name, err, scale)
+    assert log == [{"what": "epoch 1", "to": "all", "count": 2}]
+
+
+def _share_party(rank, locals_by_rank, counts):
+    import crypten
+
+    from mpc_ft import sharing
+
+    job = _job(2)
+    shapes = [sharing.PartyShapes(n, m, 4, 3) for n, m in counts]
+    shared = sharing.share_datasets(crypten, job, locals_by_rank.get(rank), shapes, rank)
+    return {part: [getattr(d, f).get_plain_text() for f in ("x", "mask", "y")]
+            for part, d in shared.items() if d is not None}  # fmt: skip
+
+
+def test_sharing_from_several_owners_reconstructs_exactly():
+    g = torch.Generator().manual_seed(5)
+
+    def owner(n):
+        x = torch.randn(n, 4, 3, generator=g).mul(100).round().div(100)  # exact in fixed point
+        return train.Dataset(x, torch.ones(n, 4), torch.eye(2)[torch.arange(n) % 2])
+
+    locals_by_rank = {0: {"train": owner(3), "test": owner(2)}, 1: {"train": owner(5)}}
+    counts = [(3, 2), (5, 0), (0, 0)]
+    results = run_multiparty(_share_party, parties=3, args=(locals_by_rank, counts))
+    for rank_result in results:  # every party holds shares of the same concatenation
+        for part in ("train", "test"):
+            owners = [locals_by_rank[r][part] for r in (0, 1) if part in locals_by_rank[r]]
+            for i, f in enumerate(("x", "mask", "y")):
+                expected = torch.cat([getattr(o, f) for o in owners])
+                torch.testing.assert_close(rank_result[part][i], expected, atol=1e-4, rtol=0)

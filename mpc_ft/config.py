@@ -76,7 +76,7 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 32
     eval_batch_size: int = 128
-    lr: float = 0.05
+    lr: float = 0.02  # with momentum 0.9: 72.7% twin accuracy vs 71.3% at 0.05 (1,200 RT examples)
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0  # batch order and the model owner's initial head

@@ -210,7 +210,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         rep = {
             "fingerprint": job.fingerprint(),
             "parties": [{"name": p.name, "roles": list(p.roles)} for p in job.parties],
-            "backbone": backbone_dir,
+            "backbone": "all-MiniLM-L6-v2" if job.backbone.path == "default" else backbone_dir,
+            "backbone_path": backbone_dir,
             "backbone_identity": backbone.inspect_backbone(backbone_dir).identity,
             "dataset": dataset_name,
             "labels": list(job.labels),

@@ -48,7 +48,7 @@ def import_crypten() -> types.ModuleType:
     if "crypten" in sys.modules:
         return sys.modules["crypten"]
     if not crypten_available():
-        raise ImportError(INSTALL_HINT)
+        raise ImportError(INSTALL_HINT) from None
     try:
         importlib.import_module(_STUB_NAME)
     except ImportError:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +83,19 @@ def test_communication_stats_are_recorded():
 
     stats = run_multiparty(_multiply_party, parties=2)
     assert all(s["bytes"] > 0 and s["rounds"] > 0 for s in stats)
+
+
+def test_without_crypten_the_cli_gives_a_one_line_hint_and_heads_still_load():
+    code = textwrap.dedent("""
+        import importlib.util, sys
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "crypten" else real(name, *a)
+        import mpc_ft.head  # a trained head loads without CrypTen
+        from mpc_ft.cli import main
+        sys.exit(main(["party", "--job", "parties/two_parties.toml", "--party", "dealer"]))
+    """)
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CrypTen is not installed" in lines[0]

@@ -295,3 +295,15 @@ def test_demo_parties(owners: int, separate: bool, expected: dict) -> None:
 def test_demo_parties_rejects_owner_counts(owners: int) -> None:
     with pytest.raises(BadInput, match=rf"^--data-owners {owners}: choose 1 to 8$"):
         demo_parties(owners, False)
+
+
+def test_shipped_job_files_load():
+    from pathlib import Path
+
+    from mpc_ft.config import load_job
+
+    files = sorted((Path(__file__).parent.parent / "parties").glob("*.toml"))
+    assert files
+    for path in files:
+        job = load_job(path)
+        assert job.dealer is not None and job.mpc.provider == "TTP"

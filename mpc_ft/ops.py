@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
 import torch
+
+from mpc_ft.compat import all_positive
 
 GELU_K = math.sqrt(2.0 / math.pi)
 
@@ -114,8 +115,6 @@ class MpcOps(TorchOps):
 
     @staticmethod
     def masked_mean(h: Any, mask: Any) -> Any:
-        from mpc_ft.compat import all_positive
-
         with all_positive():
             inverse_count = mask.sum(1, keepdim=True).reciprocal()  # one reciprocal per example
         return (h * mask.unsqueeze(-1)).sum(1) * inverse_count
@@ -147,14 +146,6 @@ class MpcOps(TorchOps):
 # --- CrypTen autograd functions (classes built lazily: importing ops must not import crypten) ---
 
 
-@contextlib.contextmanager
-def _positive() -> Iterator[None]:
-    from mpc_ft.compat import all_positive
-
-    with all_positive():
-        yield
-
-
 @cache
 def mpc_autograd_functions() -> dict[str, type]:
     """name -> AutogradFunction subclass; compat registers them with CrypTen."""
@@ -181,7 +172,7 @@ def mpc_autograd_functions() -> dict[str, type]:
         def forward(ctx: Any, scores: Any, mask: Any) -> Any:
             row_max = scores.max(-1, keepdim=True)[0]  # no grad is recorded inside forward
             e = (scores - row_max).exp() * mask
-            with _positive():
+            with all_positive():
                 p = e * e.sum(-1, keepdim=True).reciprocal()
             ctx.mark_non_differentiable(mask)
             ctx.save_for_backward(p)
@@ -198,7 +189,7 @@ def mpc_autograd_functions() -> dict[str, type]:
             row_max = logits.max(-1, keepdim=True)[0]
             e = (logits - row_max).exp()
             total = e.sum(-1, keepdim=True)  # in [1, C]
-            with _positive():
+            with all_positive():
                 p = e * total.reciprocal()
             logsumexp = total.log() + row_max
             loss = (logsumexp - (onehot * logits).sum(-1, keepdim=True)).mean()

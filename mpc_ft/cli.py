@@ -3,7 +3,11 @@
     mpc-ft demo [--out DIR] [--data-owners N] [--dataset FILE] [--test-dataset FILE]
                 [--backbone DIR] [--train-size N] [--test-size N] [--epochs N]
                 [--max-tokens N] [--layer N] [--seed N] [--separate-model-owner]
-    mpc-ft party --job JOB.toml --party NAME [--data FILE] [--test-data FILE] [--out DIR]
+    mpc-ft party --job JOB.toml --party NAME [--private FILE] [--data FILE] [--test-data FILE]
+                 [--token-file FILE] [--backbone DIR] [--interface IFACE] [--out DIR]
+    mpc-ft sample-data --owners alice,bob [--out DIR] [--train-size N] [--test-size N]
+    mpc-ft token [--out FILE]          # a fresh job token, shared by every party of one job
+    mpc-ft rank --job JOB.toml --party NAME    # the party's rank (torchrun's --node-rank)
 
 Exit codes: 0 success; 2 bad input or configuration (one line on stderr); 3 a peer failed or
 timed out; 1 anything else.
@@ -12,6 +16,7 @@ timed out; 1 anything else.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -55,13 +60,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
 
     party = sub.add_parser("party", help="run one party of a job (one process per host)")
-    party.add_argument("--job", type=Path, required=True)
-    party.add_argument("--party", required=True)
-    party.add_argument("--data", type=Path)
+    party.add_argument("--job", type=Path, required=True, help="the public job file")
+    party.add_argument("--party", required=True, help="this party's name in the job file")
+    party.add_argument("--private", type=Path, help="this party's private TOML file (below)")
+    party.add_argument("--data", type=Path, help="training data, CSV or JSONL (data owners)")
     party.add_argument("--test-data", type=Path)
-    party.add_argument("--out", type=Path, default=Path("runs/party"))
-    party.add_argument("--cache", type=Path)
+    party.add_argument("--token-file", type=Path, help="the job token (else $MPC_FT_TOKEN)")
+    party.add_argument("--backbone", help="this host's copy of the job's backbone")
+    party.add_argument("--interface", help="network interface to bind (GLOO_SOCKET_IFNAME)")
+    party.add_argument("--out", type=Path, help="output directory (default runs/party)")
+    party.add_argument("--cache", type=Path, help="feature cache (default OUT/cache)")
     party.add_argument("--progress", action="store_true")
+
+    sample = sub.add_parser("sample-data", help="the demo's data, one shard per data owner")
+    sample.add_argument("--owners", required=True, help="comma-separated data owner names")
+    sample.add_argument("--out", type=Path, default=Path("data"))
+    sample.add_argument("--dataset", type=Path, help="CSV or JSONL (default: Rotten Tomatoes)")
+    sample.add_argument("--train-size", type=int, default=1200)
+    sample.add_argument("--test-size", type=int, default=600)
+    sample.add_argument("--seed", type=int, default=0)
+
+    token = sub.add_parser("token", help="print (or write) a fresh job token")
+    token.add_argument("--out", type=Path, help="write it to this file (mode 0600)")
+
+    rank = sub.add_parser("rank", help="a party's rank in a job (torchrun --node-rank)")
+    rank.add_argument("--job", type=Path, required=True)
+    rank.add_argument("--party", required=True)
     return parser  # fmt: skip
 
 
@@ -91,18 +115,68 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _party(args: argparse.Namespace) -> None:
-    from mpc_ft.config import load_job
+    from mpc_ft import compat, handshake
+    from mpc_ft.config import PrivateConfig, load_job, load_private
+
+    if not compat.crypten_available():
+        raise ImportError(compat.INSTALL_HINT)
     from mpc_ft.party import PartyFiles, run
 
     job = load_job(args.job)
+    job.party(args.party)  # unknown name: BadInput before anything else
+    private = load_private(args.private) if args.private else PrivateConfig()
+
+    def pick(flag: object, key: str) -> str | None:
+        return str(flag) if flag else (getattr(private, key) or None)
+
+    out = Path(pick(args.out, "out") or "runs/party")
+    token_file = pick(args.token_file, "token_file")
     files = PartyFiles(
-        out_dir=args.out,
-        data=args.data,
-        test_data=args.test_data,
-        cache_dir=args.cache or args.out / "cache",
+        out_dir=out,
+        data=Path(d) if (d := pick(args.data, "data")) else None,
+        test_data=Path(d) if (d := pick(args.test_data, "test_data")) else None,
+        cache_dir=Path(pick(args.cache, "cache") or out / "cache"),
         progress=args.progress,
+        token=handshake.read_token(Path(token_file) if token_file else None),
+        backbone=pick(args.backbone, "backbone"),
+        interface=pick(args.interface, "interface"),
     )
     run(job, args.party, files)
+
+
+def _sample_data(args: argparse.Namespace) -> None:
+    from mpc_ft.launch import DemoOptions, write_sample_data
+
+    opts = DemoOptions(dataset=args.dataset, train_size=args.train_size,
+                       test_size=args.test_size, seed=args.seed)  # fmt: skip
+    for path in write_sample_data(opts, args.owners.split(","), args.out):
+        print(path)
+
+
+def _token(args: argparse.Namespace) -> None:
+    from mpc_ft.handshake import new_token
+
+    token = new_token()
+    if args.out is None:
+        print(token)
+        return
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise BadInput(f"--out {args.out}: exists; a job token is never overwritten") from None
+    except OSError as e:
+        raise BadInput(f"--out {args.out}: cannot create it ({e.strerror})") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    print(f"wrote a new job token to {args.out}: give every party of the job a copy",
+          file=sys.stderr)  # fmt: skip
+
+
+def _rank(args: argparse.Namespace) -> None:
+    from mpc_ft.config import load_job
+
+    job = load_job(args.job)
+    print(job.rank(args.party))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1) if args.command == "party" else None
-        {"demo": _demo, "party": _party}[args.command](args)
+        commands = {"demo": _demo, "party": _party, "token": _token, "rank": _rank,
+                    "sample-data": _sample_data}  # fmt: skip
+        commands[args.command](args)
     except BadInput as e:
         print(f"mpc-ft: error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ Patches (each pinned by a test in tests/test_compat.py):
    `torch.onnx._internal.registration`, which torch removed. We put a stub module with
    `registry = None` into `sys.modules` before the import; mpc_ft never uses CrypTen's ONNX path.
 2. CrypTen passes no timeout to gloo, so a frozen peer blocks the others for 30 minutes. We wrap
-   `torch.distributed.init_process_group` and `new_group` with our timeout during CrypTen's init.
+   `torch.distributed.init_process_group` and `new_group` with our timeout during CrypTen's init
+   (and build the default group on the job's rendezvous store, already authenticated).
 3. CrypTen silently runs alone (world size 1) or invents a random file rendezvous when the
    environment is incomplete. We always set RENDEZVOUS, WORLD_SIZE, RANK and DISTRIBUTED_BACKEND
    explicitly, and refuse a world size below 2.
@@ -92,13 +93,23 @@ def _check_endpoint(ep: PartyEndpoint, *, dealer: bool) -> None:
 
 
 @contextlib.contextmanager
-def _gloo_timeout(seconds: float) -> Iterator[None]:
-    """Patch 2: give every process group CrypTen creates a finite timeout."""
+def _process_groups(seconds: float, store: Any = None) -> Iterator[None]:
+    """Patch 2: every process group CrypTen creates gets a finite timeout; with `store`, the
+    default group is built on the job's own rendezvous store (control.py) instead of a URL."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=seconds)
     original_init, original_new = dist.init_process_group, dist.new_group
-    dist.init_process_group = functools.partial(original_init, timeout=timeout)
+
+    def init(backend: str, init_method: str, world_size: int, rank: int) -> None:
+        where = (
+            {"init_method": init_method}
+            if store is None
+            else {"store": dist.PrefixStore("gloo/", store)}
+        )
+        original_init(backend=backend, world_size=world_size, rank=rank, timeout=timeout, **where)
+
+    dist.init_process_group = init
     dist.new_group = functools.partial(original_new, timeout=timeout)
     try:
         yield
@@ -127,22 +138,27 @@ def _configure(crypten: types.ModuleType, ep: PartyEndpoint) -> None:
         )
 
 
-def init_party(ep: PartyEndpoint) -> types.ModuleType:
-    """Join the job as computing party `ep.rank`; returns the initialised crypten module."""
+def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
+    """Join the job as computing party `ep.rank`; returns the initialised crypten module.
+
+    `store`: the job's rendezvous store (control.py) to build the process group on; without
+    it, CrypTen connects through the `ep.rendezvous` URL."""
     _check_endpoint(ep, dealer=False)
     crypten = import_crypten()
     _configure(crypten, ep)
     _register_autograd_functions(crypten)
-    with _gloo_timeout(ep.timeout_s):
+    with _process_groups(ep.timeout_s, store):
         crypten.init()
     return crypten
 
 
-def run_dealer(ep: PartyEndpoint) -> None:
+def run_dealer(ep: PartyEndpoint, store: Any = None) -> None:
     """Serve Beaver triples as CrypTen's trusted third party until the parties finish.
 
     The dealer sees only random values it generates itself; it never receives data. It returns
-    when party 0 sends CrypTen's terminate message (at party 0's `uninit`).
+    when party 0 sends CrypTen's terminate message (at party 0's `uninit`), and also, silently,
+    when a peer's connection breaks (CrypTen's TTPServer swallows that RuntimeError): callers
+    must check how the job ended (control.py does).
     """
     _check_endpoint(ep, dealer=True)
     if ep.rank != ep.world_size:
@@ -151,7 +167,7 @@ def run_dealer(ep: PartyEndpoint) -> None:
     _configure(crypten, ep)
     from crypten.mpc.provider.ttp_provider import TTPServer
 
-    with _gloo_timeout(ep.timeout_s):
+    with _process_groups(ep.timeout_s, store):
         TTPServer()  # runs its request loop inside the constructor
     _shutdown_process_group()
 

@@ -51,7 +51,7 @@ HEAD_REVEALS = ("model_owner", "nobody")
 class PartyConfig:
     name: str
     roles: tuple[str, ...]
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the address peers reach this party at; gloo binds its interface
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,15 @@ class MpcConfig:
     # with probability ~|x| 2^(2 bits - 64) per element, so 20 bits corrupts a step every few
     # steps); 3+ parties use 20 bits (16 puts some gradients 14-44% off; their truncation is exact).
     precision_bits: int = 0
+    # tcp://host:port on the first computing party's host, which serves it; or env:// under
+    # torchrun (MASTER_ADDR, MASTER_PORT). Every wait is bounded by timeout_s; a peer silent
+    # for peer_timeout_s (no heartbeat) has failed, and every other party exits 3.
     rendezvous: str = "tcp://127.0.0.1:29500"
     timeout_s: float = 300.0
-    socket_ifname: str = ""
+    peer_timeout_s: float = 30.0
+    # true declares that every link between party hosts runs inside a tunnel that encrypts and
+    # authenticates it (WireGuard, SSH); without it a non-loopback party prints a loud warning
+    secure_tunnel: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,12 +233,59 @@ def _validate(job: JobConfig) -> None:
         "train.eval_batch_size": job.train.eval_batch_size,
         "train.lr": job.train.lr,
         "mpc.timeout_s": job.mpc.timeout_s,
+        "mpc.peer_timeout_s": job.mpc.peer_timeout_s,
     }
     bad = [k for k, v in positive.items() if not v > 0]
     if bad:
         raise BadInput(f"{where}: {', '.join(bad)} must be positive")
+    _check_rendezvous(job)
     if job.mpc.precision_bits and not 8 <= job.mpc.precision_bits <= 24:
         raise BadInput(f"{where}: mpc.precision_bits must be 0 (auto) or in [8, 24]")
+
+
+def _check_rendezvous(job: JobConfig) -> None:
+    """Syntax, and that a tcp:// rendezvous is on the host of the party that serves it."""
+    from mpc_ft.network import is_loopback, parse_rendezvous
+
+    url = job.mpc.rendezvous
+    if url == "env://":
+        return  # resolved at run time from MASTER_ADDR / MASTER_PORT (torchrun)
+    host = parse_rendezvous(url, environ={}).host
+    first = job.compute_parties[0]
+    same = host == first.host or (is_loopback(host) and is_loopback(first.host))
+    if not same:
+        raise BadInput(f"job {job.name!r}: mpc.rendezvous {url} is not on the host of "
+                       f"{first.name!r} ({first.host}), the first computing party, which serves "
+                       "it")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PrivateConfig:
+    """A party's private file: what only it has, never shared or hashed. Paths are relative to
+    the file. Command-line flags override each key."""
+
+    data: str = ""
+    test_data: str = ""
+    token_file: str = ""
+    backbone: str = ""  # this host's copy of the job's backbone
+    interface: str = ""  # the network interface gloo binds
+    out: str = ""
+    cache: str = ""
+
+
+def load_private(path: str | Path) -> PrivateConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such private party file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise BadInput(f"{path}: not a readable TOML file ({e})") from None
+    private = _build(PrivateConfig, data, str(path))
+    paths = {k: v for k, v in dataclasses.asdict(private).items() if k != "interface"}
+    resolve = {k: str(path.parent / v) for k, v in paths.items()
+               if v and v != "default" and not Path(v).is_absolute()}  # fmt: skip
+    return dataclasses.replace(private, **resolve)
 
 
 # --- TOML -> dataclass, with types checked and nothing unknown accepted ----------------------

@@ -93,6 +93,25 @@ def prepare_data(opts: DemoOptions) -> tuple[data_lib.LabelledTexts, data_lib.La
     return train, test, name
 
 
+def write_sample_data(opts: DemoOptions, owners: list[str], out: Path) -> list[Path]:
+    """The demo's data, sharded for named owners: OUT/<owner>.train.jsonl and .test.jsonl.
+
+    For trying `mpc-ft party` by hand; every file is checked for before any is written."""
+    names = [n.strip() for n in owners if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise BadInput(f"--owners {','.join(owners)}: give distinct names, comma-separated")
+    train, test, _ = prepare_data(opts)
+    files = {(n, part): out / f"{n}.{part}.jsonl" for n in names for part in ("train", "test")}
+    existing = [str(f) for f in files.values() if f.exists()]
+    if existing:
+        raise BadInput(f"{existing[0]}: exists; sample data never overwrites a file")
+    out.mkdir(parents=True, exist_ok=True)
+    for part, texts in (("train", train), ("test", test)):
+        for name, piece in zip(names, data_lib.shard(texts, len(names), opts.seed), strict=True):
+            data_lib.write_jsonl(piece, files[name, part])
+    return list(files.values())
+
+
 def build_job(opts: DemoOptions, labels: tuple[str, ...]) -> JobConfig:
     parties = demo_parties(opts.data_owners, opts.separate_model_owner)
     layer = opts.layer
@@ -119,8 +138,12 @@ def _pump(stream: IO[bytes], sinks: list[IO[bytes]]) -> None:
 
 
 def run_parties(job: JobConfig, commands: dict[str, list[str]], logs: Path) -> None:
-    """Start every party, show the first computing party's progress, stop all if one fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """Start every party, show the first computing party's progress, stop all if one fails.
+
+    The parties share a fresh job token (handshake.py) through their environment."""
+    from mpc_ft.handshake import TOKEN_ENV, new_token
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **{TOKEN_ENV: new_token()})
     logs.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen] = {}
     pumps = []

@@ -1,7 +1,11 @@
-"""Run a function once per party, each in its own spawned process: the helper for tests and
-benchmarks that need a real multi-party CrypTen session on one machine.
+"""Multi-party runs on one machine, for tests and benchmarks.
 
     results = run_multiparty(fn, parties=2, args=(x,))   # fn(rank, *args) on every party
+    with PartyProcesses(job_file, {"alice": [...], ...}, env=env) as run: ...   # `mpc-ft party`
+
+run_multiparty: a function once per party, each in its own spawned process (a real CrypTen
+session). PartyProcesses: whole `mpc-ft party` processes, started the way separate hosts start
+them (tests of deployment, failures and the handshake).
 
 Every computing party joins a fresh loopback rendezvous with explicit rank and world size; with the
 TTP provider a dealer process serves triples. A party's exception comes back with its traceback;
@@ -16,10 +20,16 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mpc_ft import compat
@@ -118,3 +128,94 @@ def run_multiparty(
         detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise MultipartyError(f"{len(errors)} part(y/ies) failed: ranks {sorted(errors)}\n{detail}")
     return [results[r] for r in range(parties)]
+
+
+@dataclass
+class PartyExit:
+    """How one `mpc-ft party` process ended."""
+
+    name: str
+    code: int | None  # None: still running at the deadline (then killed)
+    output: str
+    seconds: float  # from the start of the run
+
+
+class PartyProcesses:
+    """`mpc-ft party` processes, one per party, exactly as separate hosts would start them.
+
+        with PartyProcesses(job_file, {"alice": [...args], "dealer": []}, env=env) as run:
+            run.wait_for_line("bob", "training")   # optional: act mid-job
+            run.kill("bob")
+            exits = run.wait(timeout_s=120)        # {name: PartyExit}
+
+    A key "bob#2" starts a second process for party bob. `prefix` puts a command in front of a
+    party's (e.g. `ip netns exec NS`). Each process's
+    stdout and stderr are collected line by line; whatever is still running on leaving the
+    block is killed."""
+
+    def __init__(self, job_file: Path, args: dict[str, list[str]], *, env: dict[str, str],
+                 prefix: dict[str, list[str]] | None = None) -> None:  # fmt: skip
+        self.commands = {
+            name: [*(prefix or {}).get(name, []), sys.executable, "-m", "mpc_ft.cli", "party",
+                   "--job", str(job_file), "--party", name.split("#")[0], *extra]
+            for name, extra in args.items()
+        }  # fmt: skip
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
+        self.lines: dict[str, list[str]] = {name: [] for name in args}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ended: dict[str, float] = {}
+        self._pumps: list[threading.Thread] = []
+
+    def __enter__(self) -> PartyProcesses:
+        self.start = time.monotonic()
+        for name, cmd in self.commands.items():
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=self.env, text=True)  # fmt: skip
+            self.procs[name] = proc
+            pump = threading.Thread(target=self._pump, args=(name, proc), daemon=True)
+            pump.start()
+            self._pumps.append(pump)
+        return self
+
+    def _pump(self, name: str, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.lines[name].append(line.rstrip("\n"))
+        proc.wait()
+        self.ended[name] = time.monotonic() - self.start
+
+    def wait_for_line(self, name: str, text: str, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in self.lines[name]):
+            if time.monotonic() > deadline or self.procs[name].poll() is not None:
+                raise TimeoutError(f"{name} never printed {text!r}:\n" + self.output(name))
+            time.sleep(0.1)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.procs[name].send_signal(sig)
+
+    def output(self, name: str) -> str:
+        return "\n".join(self.lines[name])
+
+    def wait(self, timeout_s: float = 300.0, only: list[str] | None = None) -> dict[str, PartyExit]:
+        """Wait for every process (or those in `only`) to end, up to `timeout_s` in all."""
+        deadline = time.monotonic() + timeout_s
+        for name, proc in self.procs.items():
+            if only is not None and name not in only:
+                continue
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pump in self._pumps:
+            pump.join(timeout=2)
+        return {
+            name: PartyExit(name, proc.poll(), self.output(name),
+                            self.ended.get(name, time.monotonic() - self.start))
+            for name, proc in self.procs.items()
+        }  # fmt: skip
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

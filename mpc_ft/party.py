@@ -1,49 +1,76 @@
-"""A party's life in one job: `run(job, party, ...)`, the same code for local demos and hosts.
+"""A party's life in one job: `run(job, party, files)`, the same code for local demos and hosts.
 
-    mpc-ft party --job job.toml --party alice --data alice.csv [--test-data alice_test.csv]
+    mpc-ft party --job parties/three_hosts.toml --party alice --private alice.private.toml
 
-Steps for a computing party:
+Steps for every process (computing party or dealer):
 1. Data owners read their own files and run the public backbone locally (features are cached).
-2. Join the job's rendezvous with the rank the job file gives this name, with a timeout.
-3. Handshake (sharing.handshake): fingerprints, then public shapes.
-4. Share data (each owner) and the initial head (the model owner).
-5. Train on shares; reveal per-epoch aggregates; evaluate (only the accuracy is revealed).
-6. Reveal the trained head to the model owner alone, who saves it as a plain torch module.
-The dealer only serves Beaver triples (compat.run_dealer). Each party writes
-`<out>/parties/<name>.json` with what it learned and its communication statistics.
+2. Join the control plane at the job's rendezvous (control.py): the first computing party
+   hosts it; the others wait for it up to mpc.timeout_s.
+3. Handshake (handshake.py): job token (HMAC over fresh nonces), job fingerprint, versions,
+   backbone identity and feature shapes. Any mismatch: every process exits 2.
+4. Start the heartbeat watch; build CrypTen's gloo process group on the same store.
+5. Share data (each owner) and the initial head (the model owner) (sharing.py).
+6. Train on shares; reveal per-epoch aggregates; evaluate (only the accuracy is revealed).
+7. Reveal the trained head to the model owner alone, who saves it as a plain torch module.
+The dealer only serves Beaver triples (compat.run_dealer) and leaves when the job ends or fails.
+Each process writes `<out>/parties/<name>.json` (what it learned, its communication) and
+`<out>/parties/<name>.log`. A lost peer ends every other process with exit code 3 (control.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mpc_ft import compat
+from mpc_ft import compat, handshake, network
 from mpc_ft.config import JobConfig
-from mpc_ft.errors import BadInput, PeerFailure
+from mpc_ft.control import ControlPlane
+from mpc_ft.errors import BadInput
 from mpc_ft.train import Dataset
+
+log = logging.getLogger("mpc_ft")
 
 
 @dataclass(frozen=True)
 class PartyFiles:
-    """What only this party has: its data files and where it writes."""
+    """What only this party has: its files, its job token, its network interface."""
 
     out_dir: Path
     data: Path | None = None
     test_data: Path | None = None
     cache_dir: Path | None = None
     progress: bool = False
+    token: bytes = field(default=b"", repr=False)
+    backbone: str | None = None  # this host's copy of the job's backbone (checked by identity)
+    interface: str | None = None  # the interface gloo binds (default: the one with our host)
 
 
-def backbone_path(job: JobConfig) -> str:
+def setup_logging(out_dir: Path, name: str) -> Path:
+    """This party's log: `<out>/parties/<name>.log`, and the same lines on stderr."""
+    path = out_dir / "parties" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    to_stderr = logging.StreamHandler()
+    to_stderr.setFormatter(logging.Formatter(f"mpc-ft[{name}] %(asctime)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [to_file, to_stderr]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return path
+
+
+def backbone_path(job: JobConfig, local_copy: str | None = None) -> str:
     from mpc_ft.backbone import default_backbone_path
 
+    if local_copy:
+        return local_copy
     return default_backbone_path() if job.backbone.path == "default" else job.backbone.path
 
 
@@ -55,7 +82,7 @@ def load_owner_data(job: JobConfig, path: Path, files: PartyFiles) -> Dataset:
     labels = data.one_hot(data.encode_labels(texts, job.labels), job.num_classes)
     hidden, mask = backbone.extract_features(
         texts.texts,
-        backbone=backbone_path(job),
+        backbone=backbone_path(job, files.backbone),
         layer=job.backbone.layer,
         max_tokens=job.backbone.max_tokens,
         cache_dir=files.cache_dir,
@@ -64,7 +91,7 @@ def load_owner_data(job: JobConfig, path: Path, files: PartyFiles) -> Dataset:
     return Dataset(x=hidden, mask=mask, y=labels)
 
 
-def endpoint(job: JobConfig, name: str) -> compat.PartyEndpoint:
+def endpoint(job: JobConfig, name: str, interface: str | None) -> compat.PartyEndpoint:
     return compat.PartyEndpoint(
         rank=job.rank(name),
         world_size=len(job.compute_parties),
@@ -72,118 +99,179 @@ def endpoint(job: JobConfig, name: str) -> compat.PartyEndpoint:
         provider=job.mpc.provider,
         precision_bits=job.precision_bits,
         timeout_s=job.mpc.timeout_s,
-        socket_ifname=job.mpc.socket_ifname or None,
+        socket_ifname=interface,
     )
+
+
+def check_launcher_environment(job: JobConfig, name: str, environ: dict[str, str]) -> None:
+    """Under torchrun (env://), its RANK and WORLD_SIZE must be what the job file says."""
+    if job.mpc.rendezvous != "env://":
+        return
+    expected = {"RANK": job.rank(name), "WORLD_SIZE": len(job.parties)}
+    for key, value in expected.items():
+        if key in environ and environ[key] != str(value):
+            raise BadInput(
+                f"the launcher set {key}={environ[key]} but the job file gives party "
+                f"{name!r} {key}={value} (torchrun: --node-rank "
+                f"{job.rank(name)} --nnodes {len(job.parties)}; see `mpc-ft rank`)"
+            )
 
 
 def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
     """Run party `name` of `job` to the end; returns (and writes) its result record."""
     party = job.party(name)
     torch.manual_seed(0)  # CrypTen's own randomness uses its generators, not this one
-    result: dict[str, Any] = {"party": name, "roles": list(party.roles), "fingerprint": None}
     start = time.perf_counter()
+    rendezvous = network.parse_rendezvous(job.mpc.rendezvous)
+    check_launcher_environment(job, name, dict(os.environ))
+    interface, address = network.choose_interface(party.host, files.interface)
+    if not files.token:
+        raise BadInput(f"party {name!r}: no job token")
+    local = load_local_data(job, name, files)
+    seconds_features = time.perf_counter() - start
+    setup_logging(files.out_dir, name)  # everything local checked out: from here on, a log
+    warning = network.plaintext_link_warning(name, address, job.mpc.secure_tunnel)
+    if warning:
+        log.warning(warning)
+
+    ctl = ControlPlane(job, name, rendezvous)
+    ctl.connect()
     try:
-        if "dealer" in party.roles:
-            compat.run_dealer(endpoint(job, name))
-        else:
-            result |= _compute(job, name, files)
-    except RuntimeError as e:  # gloo: connection reset, timeout
-        raise PeerFailure(f"party {name!r}: a peer failed or timed out ({_one_line(e)})") from e
-    result["fingerprint"] = job.fingerprint()
-    result["seconds_total"] = time.perf_counter() - start
+        hellos = handshake.exchange(ctl, job, my_hello(job, name, local, files), files.token)
+        log.info("handshake done with %s", ", ".join(h.name for h in hellos.values()))
+        ctl.start_watch()
+        ep = endpoint(job, name, interface)
+        try:
+            if "dealer" in party.roles:
+                compat.run_dealer(ep, ctl.store)
+                if not ctl.finished(job.compute_parties[0].name):  # TTPServer hides errors
+                    ctl.diagnose(RuntimeError("the dealer's link to the parties broke"))
+                ctl.finish()
+                result: dict[str, Any] = {}
+            else:
+                everyone = [hellos[job.rank(p.name)] for p in job.compute_parties]
+                result = _compute(job, name, files, local, everyone, ctl, ep)
+                result["seconds_features"] = seconds_features
+        except RuntimeError as e:  # gloo: connection reset, timeout
+            ctl.diagnose(e)
+        ctl.close()
+    except KeyboardInterrupt:
+        ctl.die(f"party {name!r} was interrupted", blame=[name], code=130)
+    result |= {"party": name, "roles": list(party.roles), "fingerprint": job.fingerprint(),
+               "seconds_total": time.perf_counter() - start}  # fmt: skip
     out = files.out_dir / "parties"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / f"{name}.json")
+    if "loss" in result:
+        accuracy = result["test_accuracy"]
+        log.info("finished: loss per epoch %s, test accuracy %s; sent %.1f MiB in %d rounds",
+                 ", ".join(f"{x:.4f}" for x in result["loss"]),
+                 "-" if accuracy is None else f"{accuracy:.3f}",
+                 result["bytes_sent"] / 2**20, result["rounds"])  # fmt: skip
+    if (files.out_dir / "head").is_dir() and "model_owner" in party.roles:
+        log.info("the trained head (plain torch, HeadModule.load): %s", files.out_dir / "head")
+    log.info("done: %s", out / f"{name}.json")
     return result
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+def load_local_data(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Dataset] | None:
+    """A data owner's own train (and test) features; None for the other parties."""
+    is_owner = "data_owner" in job.party(name).roles
+    if is_owner and files.data is None:
+        raise BadInput(f"party {name!r} is a data owner: give its dataset with --data FILE")
+    if not is_owner and (files.data or files.test_data):
+        raise BadInput(f"party {name!r} is not a data owner in this job; it takes no --data")
+    if not is_owner:
+        return None
+    local = {"train": load_owner_data(job, files.data, files)}
+    if files.test_data:
+        local["test"] = load_owner_data(job, files.test_data, files)
+    return local
 
 
-def _compute(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
+def my_hello(
+    job: JobConfig, name: str, local: dict[str, Dataset] | None, files: PartyFiles
+) -> handshake.Hello:
+    shape = {}
+    if local:
+        from mpc_ft.backbone import inspect_backbone
+
+        train = local["train"]
+        shape = dict(
+            backbone=inspect_backbone(backbone_path(job, files.backbone)).identity,
+            tokens=train.x.size(1), width=train.x.size(2), train=len(train),
+            test=len(local["test"]) if "test" in local else 0,
+        )  # fmt: skip
+    return handshake.Hello(name=name, fingerprint=job.fingerprint(), nonce=os.urandom(32).hex(),
+                           **handshake.local_versions(), **shape)  # fmt: skip
+
+
+def _compute(
+    job: JobConfig,
+    name: str,
+    files: PartyFiles,
+    local: dict[str, Dataset] | None,
+    everyone: list[handshake.Hello],
+    ctl: ControlPlane,
+    ep: compat.PartyEndpoint,
+) -> dict[str, Any]:
     from mpc_ft import head as head_def
     from mpc_ft import sharing, train
     from mpc_ft.ops import MpcOps
 
     party = job.party(name)
-    is_owner = "data_owner" in party.roles
-    if is_owner and files.data is None:
-        raise BadInput(f"party {name!r} is a data owner: give its dataset with --data FILE")
-    if not is_owner and (files.data or files.test_data):
-        raise BadInput(f"party {name!r} is not a data owner in this job; it takes no --data")
+    rank = job.rank(name)
+    crypten = compat.init_party(ep, ctl.store)
+    width = next(s.width for s in everyone if s.train > 0)
+    t1 = time.perf_counter()
+    shared = sharing.share_datasets(crypten, job, local, everyone, rank)
+    shapes_of_head = head_def.param_shapes(job.head, width, job.num_classes)
+    initial = None
+    if "model_owner" in party.roles:
+        initial = head_def.init_params(job.head, width, job.num_classes, job.train.seed)
+    model_owner_rank = job.rank(job.model_owner.name)
+    params = sharing.share_head(crypten, initial, shapes_of_head, model_owner_rank)
+    seconds_sharing = time.perf_counter() - t1
 
-    t0 = time.perf_counter()
-    local = None
-    if is_owner:
-        local = {"train": load_owner_data(job, files.data, files)}
-        if files.test_data:
-            local["test"] = load_owner_data(job, files.test_data, files)
-    seconds_features = time.perf_counter() - t0
-    train_set = local["train"] if local else None
-    test_set = local.get("test") if local else None
-    shapes = sharing.PartyShapes(
-        train=len(train_set) if train_set else 0,
-        test=len(test_set) if test_set else 0,
-        tokens=train_set.x.size(1) if train_set else job.backbone.max_tokens,
-        width=train_set.x.size(2) if train_set else 0,
+    revealer = sharing.Revealer(job, rank)
+    ops = MpcOps(crypten)
+    compat.reset_communication_stats()
+    log.info("training on %d examples for %d epoch(s)", len(shared["train"]), job.train.epochs)
+    t2 = time.perf_counter()
+    params, history = train.train(
+        params,
+        shared["train"],
+        head=job.head,
+        train_cfg=job.train,
+        ops=ops,
+        reveal_scalars=revealer.scalars,
+        progress=files.progress,
     )
-
-    crypten = compat.init_party(endpoint(job, name))
-    try:
-        comm = compat.communicator()
-        rank = job.rank(name)
-        everyone = sharing.handshake(job, name, shapes, comm)
-        width = next(s.width for s in everyone if s.train > 0)
-        t1 = time.perf_counter()
-        shared = sharing.share_datasets(crypten, job, local, everyone, rank)
-        shapes_of_head = head_def.param_shapes(job.head, width, job.num_classes)
-        initial = None
-        if "model_owner" in party.roles:
-            initial = head_def.init_params(job.head, width, job.num_classes, job.train.seed)
-        model_owner_rank = job.rank(job.model_owner.name)
-        params = sharing.share_head(crypten, initial, shapes_of_head, model_owner_rank)
-        seconds_sharing = time.perf_counter() - t1
-
-        revealer = sharing.Revealer(job, rank)
-        ops = MpcOps(crypten)
-        compat.reset_communication_stats()
-        t2 = time.perf_counter()
-        params, history = train.train(
+    seconds_train = time.perf_counter() - t2
+    stats = compat.communication_stats()
+    accuracy = None
+    t3 = time.perf_counter()
+    if shared["test"] is not None:
+        accuracy = train.evaluate(
             params,
-            shared["train"],
+            shared["test"],
             head=job.head,
-            train_cfg=job.train,
+            batch_size=job.train.eval_batch_size,
             ops=ops,
             reveal_scalars=revealer.scalars,
             progress=files.progress,
         )
-        seconds_train = time.perf_counter() - t2
-        stats = compat.communication_stats()
-        accuracy = None
-        t3 = time.perf_counter()
-        if shared["test"] is not None:
-            accuracy = train.evaluate(
-                params,
-                shared["test"],
-                head=job.head,
-                batch_size=job.train.eval_batch_size,
-                ops=ops,
-                reveal_scalars=revealer.scalars,
-                progress=files.progress,
-            )
-        seconds_eval = time.perf_counter() - t3
-        if job.reveal.head == "model_owner":
-            trained = revealer.head(params, job.model_owner.name)
-            if trained is not None:
-                from mpc_ft.head import HeadModule
+    seconds_eval = time.perf_counter() - t3
+    if job.reveal.head == "model_owner":
+        trained = revealer.head(params, job.model_owner.name)
+        if trained is not None:
+            from mpc_ft.head import HeadModule
 
-                HeadModule(job.head, trained, list(job.labels)).save(files.out_dir / "head")
-    finally:
-        compat.shutdown()
+            HeadModule(job.head, trained, list(job.labels)).save(files.out_dir / "head")
+    ctl.finish()  # before shutdown: the first party's shutdown tells the dealer to stop
+    compat.shutdown()
     return {
         "train_examples": sum(s.train for s in everyone),
         "test_examples": sum(s.test for s in everyone),
@@ -192,7 +280,6 @@ def _compute(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
         "seconds_per_epoch": history.seconds,
         "steps": history.steps,
         "test_accuracy": accuracy,
-        "seconds_features": seconds_features,
         "seconds_sharing": seconds_sharing,
         "seconds_mpc_train": seconds_train,
         "seconds_eval": seconds_eval,

@@ -1,9 +1,8 @@
 """Secret sharing and revealing: the only places where plaintext enters or leaves the MPC.
 
 Protocol, run identically by every computing party (ranks from the job file, by name):
-1. Handshake: all-gather of the job fingerprint (as integers, never pickled objects); any
-   mismatch stops every party before data moves. Then all-gather of each party's public shape
-   metadata: training and test example counts, tokens per example, feature width.
+1. (Before: handshake.py has checked every party and exchanged the public shapes: example
+   counts, tokens per example, feature width.)
 2. Each data owner, in rank order, shares its features [n,T,d], padding mask [n,T] and one-hot
    labels [n,C] with src = its rank (CrypTen's pseudo-random zero sharing plus the owner's values);
    the others pass only the public shape. The training set is the concatenation.
@@ -23,53 +22,6 @@ from mpc_ft.errors import BadInput
 from mpc_ft.train import Dataset
 
 
-def _all_gather_ints(values: list[int], group: Any, world_size: int) -> list[list[int]]:
-    import torch.distributed as dist
-
-    mine = torch.tensor(values, dtype=torch.int64)
-    gathered = [torch.zeros_like(mine) for _ in range(world_size)]
-    dist.all_gather(gathered, mine, group=group)
-    return [g.tolist() for g in gathered]
-
-
-@dataclass(frozen=True)
-class PartyShapes:
-    """Public per-party metadata exchanged in the handshake."""
-
-    train: int
-    test: int
-    tokens: int
-    width: int
-
-
-def handshake(job: JobConfig, me: str, shapes: PartyShapes, comm: Any) -> list[PartyShapes]:
-    """Compare fingerprints, then exchange shapes; BadInput naming the first party that differs."""
-    names = [p.name for p in job.compute_parties]
-    digest = bytes.fromhex(job.fingerprint())[:24]
-    words = [int.from_bytes(digest[i : i + 8], "big", signed=True) for i in range(0, 24, 8)]
-    fingerprints = _all_gather_ints(words, comm.main_group, len(names))
-    for name, theirs in zip(names, fingerprints, strict=True):
-        if theirs != words:
-            raise BadInput(
-                f"party {name!r} runs a different job (fingerprint mismatch with {me!r})"
-            )
-    rows = _all_gather_ints(
-        [shapes.train, shapes.test, shapes.tokens, shapes.width], comm.main_group, len(names)
-    )
-    everyone = [PartyShapes(*row) for row in rows]
-    owners = {p.name for p in job.data_owners}
-    for name, s in zip(names, everyone, strict=True):
-        if name in owners and s.train < 1:
-            raise BadInput(f"data owner {name!r} has no training examples")
-        if name in owners and s.tokens != job.backbone.max_tokens:
-            raise BadInput(f"data owner {name!r} has {s.tokens} tokens, job says max_tokens "
-                           f"{job.backbone.max_tokens}")  # fmt: skip
-    widths = {s.width for name, s in zip(names, everyone, strict=True) if name in owners}
-    if len(widths) != 1:
-        raise BadInput(f"data owners' feature widths differ: {sorted(widths)} (same backbone?)")
-    return everyone
-
-
 def share(crypten: Any, value: torch.Tensor | None, shape: tuple[int, ...], src: int) -> Any:
     """A CrypTensor of `shape` holding src's `value`; non-owners pass None.
 
@@ -86,10 +38,12 @@ def share_datasets(
     crypten: Any,
     job: JobConfig,
     local: dict[str, Dataset] | None,
-    everyone: list[PartyShapes],
+    everyone: list[Any],
     rank: int,
 ) -> dict[str, Dataset | None]:
-    """Share every owner's "train" and "test" sets; concatenate each in rank order."""
+    """Share every owner's "train" and "test" sets; concatenate each in rank order.
+
+    `everyone`: each computing party's public counts (.train, .test) and .width, in rank order."""
     T = job.backbone.max_tokens
     C = job.num_classes
     width = next(s.width for s in everyone if s.train > 0)

@@ -6,6 +6,8 @@ Every case here must fail before any party process starts, so each call takes a 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -132,9 +134,12 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
     }
 
 
-def _mpc_ft(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def _mpc_ft(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MPC_FT_TOKEN"} | (env or {})
     return subprocess.run(
-        [*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        [*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False, env=env
     )
 
 
@@ -199,3 +204,95 @@ def test_a_very_long_text_is_not_rejected(tmp_path: Path, suffix: str) -> None:
     assert len(data) == len(GOOD_ROWS) + 1
     assert data.texts[-1] == long
     assert data.labels[-1] == "pos"
+
+
+JOB = (
+    'name = "j"\nlabels = ["pos", "neg", "meh"]\n'
+    '[[party]]\nname = "alice"\nroles = ["data_owner"]\n'
+    '[[party]]\nname = "bob"\nroles = ["data_owner", "model_owner"]\n'
+    '[[party]]\nname = "dealer"\nroles = ["dealer"]\n'
+)
+TOKEN_ENV = {"MPC_FT_TOKEN": "c4" * 32}
+TORCHRUN_ENV = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "WORLD_SIZE": "3"}
+
+# id: (files, party arguments, environment, what the one-line message must name)
+BAD_PARTY_INPUTS = {
+    "no token": ({}, ["--party", "dealer"], {}, "no job token"),
+    "short token": ({"t": b"abc\n"}, ["--party", "dealer", "--token-file", "t"], {}, "at least 32"),
+    "missing token file": ({}, ["--party", "dealer", "--token-file", "t"], {}, "--token-file t"),
+    "missing private file": ({}, ["--party", "dealer", "--private", "p.toml"], TOKEN_ENV, "p.toml"),
+    "unknown private key": (
+        {"p.toml": b"colour = 1\n"}, ["--party", "dealer", "--private", "p.toml"], TOKEN_ENV,
+        "colour",
+    ),
+    "bad interface": ({}, ["--party", "dealer", "--interface", "nosuch0"], TOKEN_ENV, "nosuch0"),
+    "data for the dealer": (
+        {"a.csv": GOOD}, ["--party", "dealer", "--data", "a.csv"], TOKEN_ENV, "not a data owner",
+    ),
+    "owner without data": ({}, ["--party", "alice"], TOKEN_ENV, "--data"),
+    "owner's label not in the job": (
+        {"a.csv": _csv([("fine film", "pos"), ("odd film", "great")])},
+        ["--party", "alice", "--data", "a.csv"], TOKEN_ENV, "great",
+    ),
+    "env:// without MASTER_ADDR": (
+        {"job.toml": JOB.replace('"dealer"]\n', '"dealer"]\n[mpc]\nrendezvous = "env://"\n', 1)
+         .encode()},
+        ["--party", "dealer"], TOKEN_ENV, "MASTER_ADDR",
+    ),
+    "torchrun gave another rank": (
+        {"job.toml": JOB.replace('"dealer"]\n', '"dealer"]\n[mpc]\nrendezvous = "env://"\n', 1)
+         .encode()},
+        ["--party", "dealer"], TOKEN_ENV | TORCHRUN_ENV | {"RANK": "0"}, "--node-rank 2",
+    ),
+    "rendezvous away from the first party": (
+        {"job.toml": (JOB + '[mpc]\nrendezvous = "tcp://10.1.1.1:29500"\n').encode()},
+        ["--party", "dealer"], TOKEN_ENV, "first computing party",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "env", "culprit"), BAD_PARTY_INPUTS.values(), ids=BAD_PARTY_INPUTS.keys()
+)
+def test_party_rejects_bad_input_in_one_line_before_joining(
+    tmp_path: Path, files: dict, args: list[str], env: dict, culprit: str
+) -> None:
+    files = {"job.toml": JOB.encode()} | files
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    before = _snapshot(tmp_path)
+    result = _mpc_ft(["party", "--job", "job.toml", *args, "--out", "out"], tmp_path, env)
+    _assert_one_line_error(result, culprit)
+    assert _snapshot(tmp_path) == before  # no log, no output directory
+
+
+def test_token_prints_or_writes_a_private_file_and_never_overwrites(tmp_path: Path) -> None:
+    printed = _mpc_ft(["token"], tmp_path)
+    assert printed.returncode == 0 and len(printed.stdout.strip()) == 64
+    assert _mpc_ft(["token", "--out", "job.token"], tmp_path).returncode == 0
+    token = (tmp_path / "job.token").read_text()
+    assert len(token.strip()) == 64 and token.strip() != printed.stdout.strip()
+    assert stat.S_IMODE((tmp_path / "job.token").stat().st_mode) == 0o600
+    _assert_one_line_error(_mpc_ft(["token", "--out", "job.token"], tmp_path), "job.token")
+    assert (tmp_path / "job.token").read_text() == token
+
+
+def test_rank_gives_torchruns_node_rank_by_name(tmp_path: Path) -> None:
+    (tmp_path / "job.toml").write_text(JOB)
+    ranks = [_mpc_ft(["rank", "--job", "job.toml", "--party", n], tmp_path).stdout.strip()
+             for n in ("alice", "bob", "dealer")]  # fmt: skip
+    assert ranks == ["0", "1", "2"]
+
+
+def test_sample_data_shards_the_default_dataset_and_never_overwrites(tmp_path: Path) -> None:
+    args = ["sample-data", "--owners", "alice,bob", "--train-size", "40", "--test-size", "20"]
+    result = _mpc_ft(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    train = [
+        md.read_labelled_file(tmp_path / "data" / f"{n}.train.jsonl") for n in ("alice", "bob")
+    ]
+    assert sorted(len(t.texts) for t in train) == [20, 20]
+    assert not set(train[0].texts) & set(train[1].texts)
+    before = _snapshot(tmp_path)
+    _assert_one_line_error(_mpc_ft(args, tmp_path), "alice.train.jsonl")
+    assert _snapshot(tmp_path) == before

@@ -307,3 +307,48 @@ def test_shipped_job_files_load():
     for path in files:
         job = load_job(path)
         assert job.dealer is not None and job.mpc.provider == "TTP"
+    hosts = load_job(files[0].parent / "three_hosts.toml")
+    assert [p.host for p in hosts.parties] == [f"10.99.0.{i}" for i in (1, 2, 3, 4)]
+    assert hosts.mpc.secure_tunnel and hosts.rank("dealer") == 3
+
+
+def test_private_files_resolve_paths_next_to_themselves(tmp_path: Path) -> None:
+    from mpc_ft.config import load_private
+
+    example = load_private(Path(__file__).parent.parent / "parties" / "private" / "alice.toml")
+    assert example.interface == "wg0" and example.data.endswith("parties/private/alice.train.jsonl")
+    (tmp_path / "p.toml").write_text(
+        'data = "d.csv"\ntoken_file = "/etc/t"\nbackbone = "default"\n'
+    )
+    private = load_private(tmp_path / "p.toml")
+    assert (private.data, private.token_file) == (str(tmp_path / "d.csv"), "/etc/t")
+    assert (private.backbone, private.out) == ("default", "")
+    (tmp_path / "bad.toml").write_text("data = 3\n")
+    with pytest.raises(BadInput, match="data must be str"):
+        load_private(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize(
+    ("rendezvous", "first_host", "ok"),
+    [
+        ("tcp://127.0.0.1:29500", "127.0.0.1", True),
+        ("tcp://localhost:29500", "127.0.0.1", True),
+        ("tcp://10.99.0.1:29500", "10.99.0.1", True),
+        ("env://", "10.99.0.1", True),
+        ("tcp://10.99.0.2:29500", "10.99.0.1", False),
+        ("tcp://10.99.0.1", "10.99.0.1", False),
+        ("nccl://10.99.0.1:1", "10.99.0.1", False),
+    ],
+)
+def test_the_rendezvous_must_be_on_the_first_computing_partys_host(rendezvous, first_host, ok):
+    from mpc_ft.config import job_from_dict
+
+    data = {"name": "j", "labels": ["a", "b"], "mpc": {"rendezvous": rendezvous},
+            "party": [{"name": "alice", "roles": ["data_owner"], "host": first_host},
+                      {"name": "bob", "roles": ["model_owner"], "host": "10.99.0.7"},
+                      {"name": "dealer", "roles": ["dealer"], "host": "10.99.0.8"}]}  # fmt: skip
+    if ok:
+        assert job_from_dict(data).mpc.rendezvous == rendezvous
+    else:
+        with pytest.raises(BadInput, match="rendezvous"):
+            job_from_dict(data)

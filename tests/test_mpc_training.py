@@ -70,9 +70,10 @@ def _share_party(rank, locals_by_rank, counts):
     import crypten
 
     from mpc_ft import sharing
+    from mpc_ft.handshake import Hello
 
     job = _job(2)
-    shapes = [sharing.PartyShapes(n, m, 4, 3) for n, m in counts]
+    shapes = [Hello("p", "f", "v", "v", "v", tokens=4, width=3, train=n, test=m) for n, m in counts]
     shared = sharing.share_datasets(crypten, job, locals_by_rank.get(rank), shapes, rank)
     return {part: [getattr(d, f).get_plain_text() for f in ("x", "mask", "y")]
             for part, d in shared.items() if d is not None}  # fmt: skip

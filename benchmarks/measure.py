@@ -1,0 +1,143 @@
+"""Measuring a workload under MPC and in plaintext, side by side in one run.
+
+A workload is two module-level functions (picklable, so spawned parties can run them):
+`build(**config) -> dict[str, Tensor]` makes seeded plain inputs, identical on every party;
+`run(inputs, ops, timer, **config)` computes with `ops` (TorchOps or MpcOps), marking phases
+with `with timer("forward"): ...`. Under MPC every input is secret-shared first (src 0; who
+owns what does not change the cost), one warm-up run is discarded, then each repeat records
+per phase: seconds, and bytes and rounds from CrypTen's own communication counters.
+
+    result = measure(build, run, config, parties=2, repeats=3)
+    result.mpc["forward"].seconds   # party 0's timings per repeat
+    result.plain["forward"]         # plaintext seconds per repeat, same process run
+
+Set MPC_FT_BENCH_QUICK=1 for the CI smoke mode: fewer repeats and points (no timing asserted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mpc_ft.multiparty import run_multiparty
+from mpc_ft.ops import TorchOps
+
+QUICK = os.environ.get("MPC_FT_BENCH_QUICK") == "1"
+
+
+def pick(quick: Any, full: Any) -> Any:
+    return quick if QUICK else full
+
+
+@dataclass
+class Phase:
+    seconds: list[float] = field(default_factory=list)
+    bytes: list[float] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)
+
+
+class Timer:
+    """Times named phases (they may nest); under MPC also counts bytes and rounds, as the
+    difference of CrypTen's cumulative counters across the phase."""
+
+    def __init__(self, counting: bool) -> None:
+        self.counting = counting
+        self.phases: dict[str, Phase] = defaultdict(Phase)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        from mpc_ft import compat
+
+        before = compat.communication_stats() if self.counting else None
+        start = time.perf_counter()
+        yield
+        phase = self.phases[name]
+        phase.seconds.append(time.perf_counter() - start)
+        if before is not None:
+            after = compat.communication_stats()
+            phase.bytes.append(after["bytes"] - before["bytes"])
+            phase.rounds.append(after["rounds"] - before["rounds"])
+
+
+def _mpc_party(rank: int, build: Callable, run: Callable, repeats: int) -> dict[str, Phase]:
+    import crypten
+
+    from mpc_ft.ops import MpcOps
+
+    torch.manual_seed(0)
+    ops = MpcOps(crypten)
+    inputs = {k: crypten.cryptensor(v, src=0) for k, v in build().items()}
+    run(inputs, ops, Timer(counting=True))  # warm-up: lazy imports, allocator, caches
+    timer = Timer(counting=True)
+    for _ in range(repeats):
+        run(inputs, ops, timer)
+    return dict(timer.phases)
+
+
+def plaintext(build: Callable, run: Callable, repeats: int) -> dict[str, list[float]]:
+    torch.set_num_threads(1)  # as each MPC party has one thread
+    inputs = build()
+    run(inputs, TorchOps, Timer(counting=False))
+    timer = Timer(counting=False)
+    for _ in range(max(repeats, 5)):
+        run(inputs, TorchOps, timer)
+    return {name: phase.seconds for name, phase in timer.phases.items()}
+
+
+@dataclass
+class Result:
+    mpc: dict[str, Phase]  # party 0's phases
+    per_party: list[dict[str, Phase]]
+    plain: dict[str, list[float]]
+
+    def bytes_per_party(self, phase: str) -> list[float]:
+        return [_median(p[phase].bytes) for p in self.per_party]
+
+    def rounds_per_party(self, phase: str) -> list[float]:
+        return [_median(p[phase].rounds) for p in self.per_party]
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2]
+
+
+def measure(
+    build: Callable,
+    run: Callable,
+    config: dict[str, Any],
+    *,
+    parties: int = 2,
+    repeats: int = 3,
+    timeout_s: float = 900,
+) -> Result:
+    """The workload under MPC (parties + the dealer) and in plaintext, in this one run."""
+    build = functools.partial(build, **config)
+    run = functools.partial(run, **config)
+    per_party = run_multiparty(
+        _mpc_party, parties=parties, args=(build, run, repeats), timeout_s=timeout_s
+    )
+    return Result(mpc=per_party[0], per_party=per_party, plain=plaintext(build, run, repeats))
+
+
+def write_phase_row(case: str, result: Result, phase: str, **row: Any) -> dict[str, Any]:
+    """One row for one phase of a measured workload (benchmarks/rows.py)."""
+    from benchmarks.rows import write_row
+
+    return write_row(
+        case,
+        phase=phase,
+        seconds=result.mpc[phase].seconds,
+        plaintext_seconds=result.plain[phase],
+        bytes_per_party=result.bytes_per_party(phase),
+        rounds_per_party=result.rounds_per_party(phase),
+        **row,
+    )

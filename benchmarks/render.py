@@ -1,0 +1,305 @@
+"""Render BENCHMARKS.md and its plots from the JSON rows in benchmarks/results/.
+
+    python -m benchmarks.render [--results DIR] [--out BENCHMARKS.md] [--plots DIR]
+
+`make bench` runs the suite and then this. Every number comes from a row; the only figures not
+measured by this suite are the peer figures of shared/DESIGN.md, marked as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.rows import RESULTS, read_rows
+
+ROOT = Path(__file__).parent.parent
+MIB = 2**20
+# shared/DESIGN.md: the reference head measured elsewhere on this kind of machine.
+PEERS = [
+    ("SecretFlow SPU 0.9.5, 2-party SEMI2K", 2.62, 156, 1000),
+    ("CrypTen 0.4.1 written the obvious way, 2 parties", 1.77, 276, 436),
+]
+
+
+def _s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _spread(row: dict) -> str:
+    s = row["seconds"]
+    return (
+        f"{_s(s['median'])} [{_s(s['min'])}-{_s(s['max'])}]"
+        if len(s["runs"]) > 1
+        else _s(s["median"])
+    )
+
+
+def _mib(values: list[float] | None) -> str:
+    return " / ".join(f"{v / MIB:.1f}" for v in values) if values else "-"
+
+
+def _rounds(values: list[float] | None) -> str:
+    return " / ".join(f"{v:.0f}" for v in values) if values else "-"
+
+
+def _ratio(row: dict) -> str:
+    return f"{row['ratio_to_plaintext']:.0f}x" if row.get("ratio_to_plaintext") else "-"
+
+
+def _plain(row: dict) -> str:
+    return _s(row["plaintext_seconds"]["median"]) if row.get("plaintext_seconds") else "-"
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(line) + " |" for line in lines
+    ]
+
+
+def reference_section(rows: list[dict]) -> list[str]:
+    ref = [r for r in rows if r["group"] == "reference"]
+    if not ref:
+        return []
+    out = ["## Reference head (shared/DESIGN.md)", "",
+           "One post-LN block, width 128, batch 16, 32 tokens, 2 heads, FFN 256, 2 classes, SGD. "
+           "MPC: computing parties plus the dealer (TTP), one thread each. Seconds: median "
+           "[min-max] over the repeats of party 0; MiB and rounds: per party (party 0 first; it "
+           "also talks to the dealer), from CrypTen's own counters.", ""]  # fmt: skip
+    lines = [[f"{r['parties']} parties", r["case"].split("/")[-1], _spread(r), _plain(r),
+              _ratio(r), _mib(r["bytes_per_party"]), _rounds(r["rounds_per_party"])]
+             for r in sorted(ref, key=lambda r: (r["parties"], r["case"]))]  # fmt: skip
+    out += _table(["setup", "phase", "MPC", "plaintext", "MPC / plaintext", "MiB per party",
+                   "rounds per party"], lines)  # fmt: skip
+    out += ["", "Measured elsewhere with the same configuration (shared/DESIGN.md), for "
+            "comparison with the `step` rows above:", ""]  # fmt: skip
+    out += _table(["system", "s per step", "MiB per party", "rounds per party"],
+                  [[n, f"{s:.2f}", f"{m}", f"~{r}"] for n, s, m, r in PEERS])  # fmt: skip
+    gaps = [r for r in rows if r["group"] == "accuracy"]
+    if gaps:
+        out += ["", "Loss before each training step, MPC vs the plaintext twin (same initial "
+                "weights and batch):", ""]  # fmt: skip
+        out += _table(["parties", "MPC loss", "plaintext loss", "largest gap"],
+                      [[str(r["parties"]), ", ".join(f"{x:.4f}" for x in r["loss_mpc"]),
+                        ", ".join(f"{x:.4f}" for x in r["loss_plaintext"]),
+                        f"{max(r['loss_gap']):.1e}"] for r in gaps])  # fmt: skip
+    return out + [""]
+
+
+def component_section(rows: list[dict], plots: Path, base: Path) -> list[str]:
+    comp = [r for r in rows if r["group"] == "component"]
+    if not comp:
+        return []
+    out = ["## Components of the reference step", "",
+           "Each component alone at its shape in the step, forward and backward. Share of the "
+           "step: the component's forward+backward time (bytes) times the number of times it "
+           "runs in a step, over the step's, measured in the same run; the rest of the step is "
+           "glue (reshapes, residual adds, the update). Bound: the cost model's lower bound for "
+           "the forward pass (mpc_ft/cost_model.py); measured / bound for the last party.",
+           ""]  # fmt: skip
+    lines = []
+    for r in sorted(comp, key=lambda r: (r["parties"], r["component"], r["phase"])):
+        bound = r.get("bound")
+        ratio = "-"
+        if bound and bound.get("bytes") and r["bytes_per_party"]:
+            measured = r["bytes_per_party"][-1]
+            ratio = f"{measured / bound['bytes']:.2f} bytes, " + (
+                f"{r['rounds_per_party'][-1] / bound['rounds']:.2f} rounds"
+                if bound.get("rounds") else "-")  # fmt: skip
+        share = r.get("share_of_step") or {}
+        lines.append([f"{r['parties']}p", r["component"], r["phase"], _s(r["seconds"]["median"]),
+                      _plain(r), _ratio(r), _mib(r["bytes_per_party"]),
+                      _rounds(r["rounds_per_party"]), ratio,
+                      f"{share.get('seconds', 0):.0%} time, {share.get('bytes', 0):.0%} bytes"
+                      if r["phase"] == "forward" else ""])  # fmt: skip
+    out += _table(["", "component", "phase", "MPC", "plaintext", "ratio", "MiB per party",
+                   "rounds per party", "measured / bound", "share of step (fwd+bwd, x count)"],
+                  lines)  # fmt: skip
+    path = _plot_components(comp, plots)
+    if path:
+        out += ["", f"![share of the step per component]({os.path.relpath(path, base)})"]
+    return out + [""]
+
+
+def _plot_components(comp: list[dict], plots: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_parties: dict[int, dict[str, float]] = defaultdict(dict)
+    for r in comp:
+        if r["phase"] == "forward" and r.get("share_of_step"):
+            by_parties[r["parties"]][r["component"]] = r["share_of_step"]["seconds"]
+    if not by_parties:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = sorted({c for shares in by_parties.values() for c in shares})
+    width = 0.8 / len(by_parties)
+    for i, (parties, shares) in enumerate(sorted(by_parties.items())):
+        xs = [j + i * width for j in range(len(names))]
+        ax.bar(xs, [100 * shares.get(n, 0) for n in names], width, label=f"{parties} parties")
+    ax.set_xticks([j + width * (len(by_parties) - 1) / 2 for j in range(len(names))], names,
+                  rotation=20, fontsize=8)  # fmt: skip
+    ax.set_ylabel("% of the step's time")
+    ax.set_title("Reference step: time per component (forward + backward, x occurrences)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plots.mkdir(parents=True, exist_ok=True)
+    path = plots / "components.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scaling_section(rows: list[dict], plots: Path, base: Path) -> list[str]:
+    scaling = [r for r in rows if r["group"] == "scaling"]
+    if not scaling:
+        return []
+    series: dict[str, list[dict]] = defaultdict(list)
+    for r in scaling:
+        series[r["series"]].append(r)
+    out = ["## Scaling", "",
+           "The reference training step with one dimension varied (d_model varies FFN = 2 "
+           "d_model; `examples` is one epoch in batches of 16, reveals included). 2 computing "
+           "parties plus the dealer unless the series is `parties`.", ""]  # fmt: skip
+    lines = []
+    for name, points in series.items():
+        for r in sorted(points, key=lambda r: r["x"]):
+            lines.append(
+                [
+                    name,
+                    str(r["x"]),
+                    _spread(r),
+                    _plain(r),
+                    _ratio(r),
+                    _mib(r["bytes_per_party"][:1]),
+                    _rounds(r["rounds_per_party"][:1]),
+                ]
+            )
+    out += _table(["series", "x", "MPC", "plaintext", "ratio", "MiB (party 0)",
+                   "rounds (party 0)"], lines)  # fmt: skip
+    path = _plot_scaling(series, plots)
+    if path:
+        out += ["", f"![scaling curves]({os.path.relpath(path, base)})"]
+    return out + [""]
+
+
+def _plot_scaling(series: dict[str, list[dict]], plots: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5.5))
+    for ax, (name, points) in zip(axes.flat, series.items(), strict=False):
+        points = sorted(points, key=lambda r: r["x"])
+        xs = [r["x"] for r in points]
+        ax.plot(xs, [r["seconds"]["median"] for r in points], "o-", label="MPC")
+        ax.fill_between(xs, [r["seconds"]["min"] for r in points],
+                        [r["seconds"]["max"] for r in points], alpha=0.2)  # fmt: skip
+        ax2 = ax.twinx()
+        ax2.plot(xs, [r["bytes_per_party"][0] / MIB for r in points], "s--", color="tab:orange",
+                 label="MiB (party 0)")  # fmt: skip
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("s", fontsize=8)
+        ax2.set_ylabel("MiB", fontsize=8, color="tab:orange")
+        ax.set_ylim(bottom=0)
+        ax2.set_ylim(bottom=0)
+    for ax in list(axes.flat)[len(series) :]:
+        ax.axis("off")
+    fig.suptitle("MPC training step (o, left axis) and MiB sent by party 0 (s, right axis)")
+    fig.tight_layout()
+    plots.mkdir(parents=True, exist_ok=True)
+    path = plots / "scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def phases_section(rows: list[dict]) -> list[str]:
+    phases = [r for r in rows if r["group"] == "phases"]
+    if not phases:
+        return []
+    cfg = phases[0]["config"]
+    out = ["## Demo phases", "",
+           f"`mpc-ft demo`: {cfg['train_examples']} training and {cfg['test_examples']} test "
+           f"examples, {cfg['epochs']} epochs, batch {cfg['batch_size']}, {cfg['backbone']}; "
+           "alice + bob + the dealer as separate processes.", ""]  # fmt: skip
+    lines = [[r["phase"], _spread(r), _plain(r), _ratio(r)] for r in phases]
+    return out + _table(["phase", "seconds", "plaintext twin", "ratio"], lines) + [""]
+
+
+def network_section(rows: list[dict]) -> list[str]:
+    net = [r for r in rows if r["group"] == "network"]
+    if not net:
+        return []
+    out = [
+        "## LAN and WAN (emulated)",
+        "",
+        "The reference training step with each party in its own network namespace, "
+        "bandwidth shaped by `tc tbf` and latency added per communication round by a "
+        "labelled wrapper around CrypTen's communicator (benchmarks/test_network.py). "
+        "Predicted: the unshaped step + rounds x per-round delay + bytes / bandwidth.",
+        "",
+    ]
+    keys = [k for k in ("profile", "bandwidth", "latency", "rtt_ms", "predicted_seconds")
+            if any(k in r for r in net)]  # fmt: skip
+    lines = [
+        [
+            r["case"],
+            *(str(r.get(k, "-")) for k in keys),
+            _spread(r),
+            _mib(r["bytes_per_party"]),
+            _rounds(r["rounds_per_party"]),
+        ]
+        for r in net
+    ]
+    return out + _table(["case", *keys, "measured", "MiB per party", "rounds per party"],
+                        lines) + [""]  # fmt: skip
+
+
+def render(results: Path = RESULTS, out: Path = ROOT / "BENCHMARKS.md",
+           plots: Path = ROOT / "benchmarks" / "plots") -> str:  # fmt: skip
+    rows = read_rows(results)
+    if not rows:
+        raise SystemExit(f"no benchmark rows in {results}: run `make bench` first")
+    revisions = sorted({r["git_revision"] for r in rows})
+    dates = sorted(r["date"] for r in rows)
+    machine = rows[0]["machine"]
+    text = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (benchmarks/render.py) from the rows in "
+        "benchmarks/results/; do not edit by hand.",
+        "",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}",
+        f"- measured: {dates[0]} to {dates[-1]}; revision(s): {', '.join(revisions)}",
+        f"- rows: {len(rows)}; median seconds over the repeats, [min-max] spread",
+        "",
+    ]
+    text += reference_section(rows)
+    text += component_section(rows, plots, out.parent)
+    text += scaling_section(rows, plots, out.parent)
+    text += phases_section(rows)
+    text += network_section(rows)
+    out.write_text("\n".join(text))
+    return "\n".join(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--plots", type=Path, default=ROOT / "benchmarks" / "plots")
+    args = parser.parse_args()
+    render(args.results, args.out, args.plots)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

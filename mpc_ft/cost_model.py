@@ -1,0 +1,321 @@
+"""Communication cost of CrypTen 0.4.1 operations from their shapes (TTP dealer, N parties).
+
+Counted: the online phase of CrypTen's arithmetic secret sharing with the TTP provider, as
+CrypTen's own per-party counters record it (`get_communication_stats`, fed by the `_logging`
+decorator of its communicator): every communicator call is one "round"; bytes are 8 per counted
+element. That is CrypTen's convention, not wire bytes: an all_reduce of n elements counts 2n for
+every party whatever N is, a gather counts (N-1)n at the root and n elsewhere, a received
+broadcast counts n. Truncation after a fixed-point multiply is local with 2 parties; with 3+ it
+is CrypTen's wrap-count protocol (a dealer call, a gather to party 0).
+
+Party 0 differs: every `Cost` holds `bytes`/`rounds` for parties 1..N-1 and `bytes0`/`rounds0`
+for party 0, which alone talks to the dealer. Each tuple it fetches (Beaver triple, square pair,
+wrap pair, bit pair) costs it 3 counted calls: `send_obj` of the request (counted as
+sys.getsizeof of the dict, 184 B, not its pickled length), `recv_obj` of the size (getsizeof of
+a torch.Size: 48 B + 8 B per dimension) and the dealer's broadcast of its share (8 B/element).
+The other parties derive their tuple shares from seeds: 0 B.
+
+Not counted (CrypTen's counters do not see it): the dealer process's own traffic, send_obj's
+length headers, setup (seeds, barriers), sharing inputs (PRZS: free), the backward pass. With a
+filled tuple cache (`crypten.fill_cache`) party 0's dealer calls happen at fill time instead.
+
+Each function returns the communication CrypTen's protocol needs, given the shapes: a lower
+bound of the measured count, and exactly it (tests/test_cost_model.py, 2 and 3 parties) for
+CrypTen's default config, no tuple cache, and tensors of `ndim` dimensions (the components:
+the 2-D shapes they name, 3-D h for masked_mean). More dimensions add 8 B to party 0 per dealer
+call; precision above 16 bits adds B2A bits to argmax's random tie-break (`precision_bits`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# CrypTen 0.4.1 defaults (crypten/configs/default.yaml) and constants of its code.
+EXP_ITERATIONS = 8  # functions.exp_iterations: exp(x) = (1 + x / 2^8)^(2^8)
+RECIPROCAL_NR_ITERS = 10  # functions.reciprocal_nr_iters
+SQRT_NR_ITERS = 3  # functions.sqrt_nr_iters (inv_sqrt)
+LOG_ITERATIONS = 2  # functions.log_iterations (Householder steps)
+LOG_ORDER = 8  # functions.log_order (polynomial terms per step)
+SIGMOID_NR_ITERS = 3  # sigmoid's own override of reciprocal_nr_iters (start value 0.75)
+PRECISION_BITS = 16  # encoder.precision_bits: the bits of crypten.rand in argmax's tie-break
+LOG_BITS = 6  # log2(64): rounds of the binary adder's carry tree
+ELEMENT = 8  # bytes CrypTen counts per tensor element
+REQUEST_BYTES = 184  # sys.getsizeof of the 4-key request dict (CPython 3.11)
+SIZE_BYTES = 48  # sys.getsizeof of a 0-dim torch.Size; +8 per dimension
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Bytes and rounds one party's CrypTen counters record: parties 1..N-1, and party 0."""
+
+    bytes: float = 0
+    rounds: int = 0
+    bytes0: float = 0
+    rounds0: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.bytes + other.bytes, self.rounds + other.rounds,
+                    self.bytes0 + other.bytes0, self.rounds0 + other.rounds0)  # fmt: skip
+
+    def __mul__(self, k: int) -> Cost:
+        return Cost(self.bytes * k, self.rounds * k, self.bytes0 * k, self.rounds0 * k)
+
+    __rmul__ = __mul__
+
+    def party(self, rank: int) -> tuple[float, int]:
+        """(bytes, rounds) for computing party `rank`."""
+        return (self.bytes0, self.rounds0) if rank == 0 else (self.bytes, self.rounds)
+
+
+def _all(nbytes: float, rounds: int) -> Cost:
+    return Cost(nbytes, rounds, nbytes, rounds)
+
+
+def _dealer(numel: int, ndim: int) -> Cost:
+    """Party 0 fetches its share of one tuple: send_obj request, recv_obj size, broadcast."""
+    return Cost(bytes0=REQUEST_BYTES + SIZE_BYTES + ELEMENT * (ndim + numel), rounds0=3)
+
+
+# --- primitives -----------------------------------------------------------------------------------
+
+
+def open_(numel: int, parties: int) -> Cost:
+    """get_plain_text / reveal: one all_reduce of the shares (counted as 2 * numel elements)."""
+    return _all(2 * ELEMENT * numel, 1)
+
+
+def public_mul(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """secret * public float or tensor, or / public int: only the truncation. 2 parties: local;
+    3+: dealer wrap pair, gather of the masked shares to party 0. (* a Python int is free.)"""
+    if parties == 2:
+        return Cost()
+    root = ELEMENT * numel * (parties - 1)
+    return _dealer(numel, ndim) + Cost(ELEMENT * numel, 1, root, 1)
+
+
+def _beaver(x_numel: int, y_numel: int, out_numel: int, ndim: int) -> Cost:
+    """Beaver product without truncation: dealer triple, one batched opening of x-a and y-b."""
+    return _dealer(out_numel, ndim) + _all(2 * ELEMENT * (x_numel + y_numel), 1)
+
+
+def mul(numel: int, parties: int, *, y_numel: int | None = None, ndim: int = 1) -> Cost:
+    """secret * secret elementwise (y may broadcast: `y_numel`): Beaver triple, one opening of
+    epsilon and delta together, then the truncation of the numel products."""
+    y = numel if y_numel is None else y_numel
+    return _beaver(numel, y, numel, ndim) + public_mul(numel, parties, ndim=ndim)
+
+
+def matmul(m: int, k: int, n: int, parties: int, batch: int = 1) -> Cost:
+    """[batch,m,k] @ [batch,k,n] secret: Beaver triple, one opening of both masked operands,
+    truncation of the batch*m*n outputs. batch=1 means 2-D operands, otherwise 3-D."""
+    ndim = 2 if batch == 1 else 3
+    out = batch * m * n
+    return _beaver(batch * m * k, batch * k * n, out, ndim) + public_mul(out, parties, ndim=ndim)
+
+
+def square(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """x.square(): dealer pair (r, r^2), one opening of x - r, truncation."""
+    return _dealer(numel, ndim) + open_(numel, parties) + public_mul(numel, parties, ndim=ndim)
+
+
+# --- comparisons: arithmetic -> binary, adder circuit, bit -> arithmetic --------------------------
+
+
+def _and(numel: int, ndim: int) -> Cost:
+    """Binary AND: dealer triple, one opening of x^a and y^b."""
+    return _dealer(numel, ndim) + _all(4 * ELEMENT * numel, 1)
+
+
+def _b2a_bit(numel: int, ndim: int) -> Cost:
+    """One shared bit to arithmetic: dealer bit pair, one opening of x ^ r."""
+    return _dealer(numel, ndim) + _all(2 * ELEMENT * numel, 1)
+
+
+def _binary_add(numel: int, ndim: int) -> Cost:
+    """circuit.add: S = x & y, then 6 carry-tree ANDs on the stacked [S, P] (2 * numel)."""
+    return _and(numel, ndim) + LOG_BITS * _and(2 * numel, ndim + 1)
+
+
+def _a2b(numel: int, parties: int, ndim: int) -> Cost:
+    """Arithmetic to binary: every party's share becomes a binary sharing (free); they are
+    summed by binary adders in a tree over the stacked [parties, ...] tensor."""
+    cost, k = Cost(), parties
+    while k > 1:
+        cost += _binary_add((k // 2) * numel, ndim + 1)
+        k -= k // 2
+    return cost
+
+
+def ltz(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """x < 0 (also sign, lt, gt, ge, le): A2B, take the top bit, one bit back to arithmetic.
+    2 parties: 8 rounds (7 ANDs + 1 opening); 3 parties: 15."""
+    return _a2b(numel, parties, ndim) + _b2a_bit(numel, ndim)
+
+
+def relu(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """x * (x >= 0): ltz, then a Beaver product by a 0/1 value (scale 1: no truncation)."""
+    return ltz(numel, parties, ndim=ndim) + _beaver(numel, numel, numel, ndim)
+
+
+def _eq(numel: int, parties: int, ndim: int) -> Cost:
+    """x == y. 2 parties: equality circuit on binary shares (6 ANDs) and bit to arithmetic;
+    3+: 1 - (ltz(d) + ltz(-d)), both in one ltz of the stacked [d, -d]."""
+    if parties == 2:
+        return LOG_BITS * _and(numel, ndim) + _b2a_bit(numel, ndim)
+    return ltz(2 * numel, parties, ndim=ndim + 1)
+
+
+# --- max and argmax (functions.max_method: log_reduction) -----------------------------------------
+
+
+def _weighted_index(rows: int, cols: int, parties: int, bits: int, ndim: int) -> Cost:
+    """Random tie-break of a one-hot [rows, cols]: crypten.rand per row (bits B2A conversions),
+    a Beaver product by the row total, and cumsum > r (ltz)."""
+    rand = _b2a_bit(bits * rows, ndim + 1)
+    return rand + _beaver(rows, rows, rows, ndim) + ltz(rows * cols, parties, ndim=ndim)
+
+
+def _pairwise_max(rows: int, m: int, parties: int, bits: int, ndim: int) -> Cost:
+    """max_method "pairwise" on [rows, m]: all (m-1) rolled comparisons in one ltz, product of
+    the 0/1 results (tree of Beaver products), tie-break, then sum(x * one_hot)."""
+    k = max(m, 2) - 1
+    cost = ltz(k * rows * m, parties, ndim=ndim + 1)
+    while k > 1:
+        half = (k // 2) * rows * m
+        cost += _beaver(half, half, half, ndim + 1)
+        k -= k // 2
+    cost += _weighted_index(rows, m, parties, bits, ndim)
+    return cost + _beaver(rows * m, rows * m, rows * m, ndim)
+
+
+def max_(rows: int, cols: int, parties: int, *, precision_bits: int = PRECISION_BITS) -> Cost:
+    """x.max(-1) on [rows, cols]: int(ln cols) halving steps (ltz of x - y and a 2-product
+    select), pairwise max of the rest, then the one-hot: eq(x, max) and a random tie-break."""
+    cost, m = Cost(), cols
+    for _ in range(int(math.log(cols))):
+        half = rows * (m // 2)
+        cost += ltz(half, parties, ndim=2) + 2 * _beaver(half, half, half, 2)
+        m -= m // 2
+    cost += _pairwise_max(rows, m, parties, precision_bits, 2)
+    eq = _eq(rows * cols, parties, 2)
+    return cost + eq + _weighted_index(rows, cols, parties, precision_bits, 2)
+
+
+def argmax(rows: int, cols: int, parties: int, *, precision_bits: int = PRECISION_BITS) -> Cost:
+    """x.argmax(-1, one_hot=True): the same protocol as max_ (CrypTen computes both)."""
+    return max_(rows, cols, parties, precision_bits=precision_bits)
+
+
+# --- iterative approximations ---------------------------------------------------------------------
+
+
+def exp(numel: int, parties: int, *, iters: int = EXP_ITERATIONS, ndim: int = 1) -> Cost:
+    """(1 + x / 2^iters)^(2^iters): one public division, then `iters` squarings."""
+    return public_mul(numel, parties, ndim=ndim) + iters * square(numel, parties, ndim=ndim)
+
+
+def _newton_reciprocal(n: int, parties: int, iters: int, public_start: bool, ndim: int) -> Cost:
+    """Newton-Raphson r <- 2r - x r^2: square + mul per step. The start is 3 exp(1 - 2x) + 0.003,
+    or (sigmoid) the public 0.75, whose first step is a public multiply."""
+    step = square(n, parties, ndim=ndim) + mul(n, parties, ndim=ndim)
+    if public_start:
+        return public_mul(n, parties, ndim=ndim) + (iters - 1) * step
+    return exp(n, parties, ndim=ndim) + iters * step
+
+
+def reciprocal(numel: int, parties: int, *, all_pos: bool = False, ndim: int = 1) -> Cost:
+    """1/x, NR with 10 iterations. Unless reciprocal_all_pos (compat.all_positive()): sign by
+    ltz, |x| = sign * x and the result times sign (two Beaver products, no truncation)."""
+    cost = _newton_reciprocal(numel, parties, RECIPROCAL_NR_ITERS, False, ndim)
+    if not all_pos:
+        cost += ltz(numel, parties, ndim=ndim) + 2 * _beaver(numel, numel, numel, ndim)
+    return cost
+
+
+def inv_sqrt(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """Start 2.2 exp(-(x/2 + 0.2)) + 0.2 - x/1024 (3 public mul/div, exp), then 3 NR steps
+    y <- y (3 - x y^2) / 2 (square, 2 mul, public div each)."""
+    pub = public_mul(numel, parties, ndim=ndim)
+    step = square(numel, parties, ndim=ndim) + 2 * mul(numel, parties, ndim=ndim) + pub
+    return 3 * pub + exp(numel, parties, ndim=ndim) + SQRT_NR_ITERS * step
+
+
+def sqrt(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """inv_sqrt(x) * x."""
+    return inv_sqrt(numel, parties, ndim=ndim) + mul(numel, parties, ndim=ndim)
+
+
+def log(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """Start x/120 - 20 exp(-2x - 1) + 3, then 2 Householder steps: h = 1 - x exp(-y) and an
+    order-8 polynomial in h (square, 2 stacked products, a public multiply of the 8 terms)."""
+    n = numel
+    poly = (square(n, parties, ndim=ndim) + mul(2 * n, parties, y_numel=n, ndim=ndim + 1)
+            + mul(4 * n, parties, y_numel=n, ndim=ndim + 1)
+            + public_mul(LOG_ORDER * n, parties, ndim=ndim + 1))  # fmt: skip
+    step = exp(n, parties, ndim=ndim) + mul(n, parties, ndim=ndim) + poly
+    return public_mul(n, parties, ndim=ndim) + exp(n, parties, ndim=ndim) + LOG_ITERATIONS * step
+
+
+def sigmoid(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """Default method "reciprocal": ltz, |x| = x * sign, exp(-|x|), 3 NR steps from 0.75 for
+    1/(1 + exp(-|x|)), then where(ltz, ...) (two Beaver products; 0/1 factors: no truncation)."""
+    bit_mul = _beaver(numel, numel, numel, ndim)
+    one_over = _newton_reciprocal(numel, parties, SIGMOID_NR_ITERS, True, ndim)
+    return ltz(numel, parties, ndim=ndim) + exp(numel, parties, ndim=ndim) + one_over + 3 * bit_mul
+
+
+def tanh(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """2 sigmoid(2x) - 1: the integer multiplies are local, so one sigmoid."""
+    return sigmoid(numel, parties, ndim=ndim)
+
+
+# --- the head's components, as written in mpc_ft/ops.py (forward pass only) -----------------------
+
+
+def linear(rows: int, d_in: int, d_out: int, parties: int) -> Cost:
+    """x [rows, d_in] @ secret weight [d_in, d_out] + bias: one matmul (the add is local)."""
+    return matmul(rows, d_in, d_out, parties)
+
+
+def layer_norm(rows: int, d: int, parties: int) -> Cost:
+    """mpcft_normalize on [rows, d] then * gamma + beta: 2 means (public divisions of [rows]),
+    square, inv_sqrt per row, centred * r (r broadcasts) and * gamma (secret [d])."""
+    n = rows * d
+    return (2 * public_mul(rows, parties, ndim=2) + square(n, parties, ndim=2)
+            + inv_sqrt(rows, parties, ndim=2) + mul(n, parties, y_numel=rows, ndim=2)
+            + mul(n, parties, y_numel=d, ndim=2))  # fmt: skip
+
+
+def gelu(numel: int, parties: int) -> Cost:
+    """Tanh form, as MpcOps.gelu: x^2, x * x^2, three public multiplies, tanh, x * (1 + tanh)."""
+    return (square(numel, parties) + 2 * mul(numel, parties) + 3 * public_mul(numel, parties)
+            + tanh(numel, parties))  # fmt: skip
+
+
+def masked_softmax(rows: int, cols: int, parties: int, *, mask_rows: int = 1) -> Cost:
+    """mpcft_masked_softmax on [rows, cols], mask broadcasting from [mask_rows, cols]: row max,
+    exp, * mask, reciprocal (all positive) of the row sums, * that reciprocal."""
+    n = rows * cols
+    return (max_(rows, cols, parties) + exp(n, parties, ndim=2)
+            + mul(n, parties, y_numel=mask_rows * cols, ndim=2)
+            + reciprocal(rows, parties, all_pos=True, ndim=2)
+            + mul(n, parties, y_numel=rows, ndim=2))  # fmt: skip
+
+
+def masked_mean(b: int, t: int, d: int, parties: int) -> Cost:
+    """MpcOps.masked_mean, h [b,t,d], mask [b,t]: reciprocal (all positive) of the b counts,
+    h * mask (mask broadcasts over d), the [b,d] sums times the reciprocal."""
+    return (reciprocal(b, parties, all_pos=True, ndim=2)
+            + mul(b * t * d, parties, y_numel=b * t, ndim=3)
+            + mul(b * d, parties, y_numel=b, ndim=2))  # fmt: skip
+
+
+def cross_entropy(b: int, c: int, parties: int) -> Cost:
+    """mpcft_cross_entropy on logits [b, c]: row max, exp, reciprocal (all positive) and
+    e * 1/sum, log of the b sums, onehot * logits, and the batch mean (a public division)."""
+    n = b * c
+    return (max_(b, c, parties) + exp(n, parties, ndim=2)
+            + reciprocal(b, parties, all_pos=True, ndim=2) + mul(n, parties, y_numel=b, ndim=2)
+            + log(b, parties, ndim=2) + mul(n, parties, ndim=2)
+            + public_mul(1, parties, ndim=0))  # fmt: skip

@@ -60,9 +60,8 @@ def step(params, data, ops):
 
     Not re-leafed: under CrypTen, detaching again a leaf that sgd_step made under no_grad gave
     parameters that never received a gradient (seen here; train.train never does that)."""
-    loss = ops.cross_entropy(head_def.forward(params, data.x, data.mask, HEAD, ops), data.y)
-    loss.backward()
-    return train.sgd_step(params, {}, SGD, ops)[0]
+    return train.train_step(params, {}, data.x, data.mask, data.y, head=HEAD, train_cfg=SGD,
+                            ops=ops)[0]  # fmt: skip
 
 
 def _losses_party(rank, params, data, steps):

@@ -6,7 +6,7 @@ inputs (no projection), batch 16, 32 tokens (rows 0-7 padded in their last 8 pos
 FFN 256, 2 classes, plain SGD lr 0.1.
 
 `component_*`: one building block of that step alone, forward then backward, at the shapes it
-has inside the reference step.
+has inside the reference step (cross_entropy: the step's gradient computation, all in "forward").
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ def head_run(inputs: dict[str, Any], ops: Any, timer: Any, *, d_model: int, head
         return
     params = {k[2:]: ops.leaf(v) for k, v in inputs.items() if k.startswith("p.")}
     sgd = TrainConfig(lr=lr, momentum=0.0, weight_decay=0.0)
-    with timer("step"):
+    with timer("step"):  # train.train_step, phase by phase
         with timer("forward"):
-            loss = ops.cross_entropy(head_def.forward(params, x, mask, head, ops), y)
+            logits = head_def.forward(params, x, mask, head, ops)
         with timer("backward"):
-            loss.backward()
+            ops.cross_entropy_backward(logits, y)
         with timer("update"):
             train.sgd_step(params, {}, sgd, ops)
 
@@ -122,10 +122,8 @@ def component_run(inputs: dict[str, Any], ops: Any, timer: Any, *, component: st
             out = ops.gelu(x)
         elif component == "masked_mean":
             out = ops.masked_mean(x, mask)
-        else:
-            out = ops.cross_entropy(x, inputs["y"])
+        else:  # the training step's: the gradient of the loss, no loss value (train.py)
+            out = ops.cross_entropy_backward(x, inputs["y"])
     with timer("backward"):
-        if component == "cross_entropy":
-            out.backward()
-        else:
+        if component != "cross_entropy":
             out.backward(inputs["g"])

@@ -67,6 +67,28 @@ class TorchOps:
         return (torch.logsumexp(logits, -1) - (onehot * logits).sum(-1)).mean()
 
     @staticmethod
+    def cross_entropy_backward(logits: torch.Tensor, onehot: torch.Tensor) -> tuple[Any, Any]:
+        """Backpropagate the batch-mean softmax cross-entropy from `logits` (gradient
+        (softmax - y) / B) without computing the loss; return its terms for `loss_sum`:
+        shift - <y, l> and the row sums of exp(l - shift), each [B,1], with shift the row max."""
+        with torch.no_grad():
+            shift = logits.amax(-1, keepdim=True)
+            e = (logits - shift).exp()
+            total = e.sum(-1, keepdim=True)
+            offset = shift - (onehot * logits).sum(-1, keepdim=True)
+        logits.backward((e / total - onehot) / logits.size(0))
+        return offset, total
+
+    @staticmethod
+    def loss_sum(offsets: list[Any], totals: list[Any]) -> Any:
+        """Summed cross-entropy from deferred terms: sum(offset) + sum(log(total))."""
+        return torch.cat(offsets).sum() + torch.cat(totals).log().sum()
+
+    @staticmethod
+    def cat(values: list[Any]) -> Any:
+        return torch.cat(values)
+
+    @staticmethod
     def correct(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         """Number of rows whose argmax is the labelled class (a 0-dim tensor)."""
         return (logits.argmax(-1) == onehot.argmax(-1)).sum().float()
@@ -123,6 +145,26 @@ class MpcOps(TorchOps):
     def cross_entropy(logits: Any, onehot: Any) -> Any:
         return logits.mpcft_cross_entropy(onehot)
 
+    def cross_entropy_backward(self, logits: Any, onehot: Any) -> tuple[Any, Any]:
+        """As TorchOps.cross_entropy_backward. No log per step: the loss is only revealed per
+        epoch, so its log runs once per epoch over every example (`loss_sum`)."""
+        with self.crypten.no_grad():
+            values = logits.detach()
+            shift = row_max(values)
+            e = (values - shift).exp()
+            total = e.sum(-1, keepdim=True)  # in [1, C]: the max term is exp(0)
+            p = e * reciprocal_in_range(total, 1.0, float(values.size(-1)))
+            offset = shift - (onehot * values).sum(-1, keepdim=True)
+            grad = (p - onehot) * (1.0 / values.size(0))
+        logits.backward(grad)
+        return offset, total
+
+    def loss_sum(self, offsets: list[Any], totals: list[Any]) -> Any:
+        return self.crypten.cat(offsets).sum() + self.crypten.cat(totals).log().sum()
+
+    def cat(self, values: list[Any]) -> Any:
+        return self.crypten.cat(values)
+
     @staticmethod
     def correct(logits: Any, onehot: Any) -> Any:
         return (logits.argmax(dim=-1, one_hot=True) * onehot).sum()
@@ -144,6 +186,42 @@ class MpcOps(TorchOps):
 
 
 # --- CrypTen autograd functions (classes built lazily: importing ops must not import crypten) ---
+
+
+def reciprocal_in_range(x: Any, lo: float, hi: float, tol: float = 1e-5) -> Any:
+    """1/x for x known to lie in [lo, hi] (public bounds, 0 < lo < hi).
+
+    Newton-Raphson y <- y (2 - x y) from the best constant start 2 / (lo + hi): the relative
+    error 1 - x y starts within +-(hi - lo) / (hi + lo) and squares at every step. The first
+    step from a public start is local (y1 = 2 y0 - y0^2 x); each further one is 2 products.
+    CrypTen's reciprocal spends an exp on its start and 10 steps to cover any range."""
+    r = (hi - lo) / (hi + lo)
+    steps = max(1, math.ceil(math.log2(math.log(tol) / math.log(r)))) if r > 0 else 1
+    y0 = 2.0 / (lo + hi)
+    y = x * (-y0 * y0) + 2 * y0
+    for _ in range(steps - 1):
+        y = y * (2 - x * y)
+    return y
+
+
+def row_max(x: Any) -> Any:
+    """Max over the last dim, keepdim, without gradient: a halving tree of max(a, b) =
+    b + relu(a - b), one comparison per pair and level (ceil(log2 n) levels).
+
+    CrypTen's own max() computes an argmax first (the same tree, then an equality test and a
+    random tie-break to make a one-hot) and reads the max through it: about twice the rounds
+    and bytes for a value we use only to shift exp's argument."""
+    while x.size(-1) > 1:
+        n = x.size(-1)
+        half = n // 2
+        a, b = x.narrow(-1, 0, half), x.narrow(-1, half, half)
+        top = b + (a - b).relu()
+        if n % 2:
+            import crypten
+
+            top = crypten.cat([top, x.narrow(-1, n - 1, 1)], dim=-1)
+        x = top
+    return x
 
 
 @cache
@@ -170,10 +248,11 @@ def mpc_autograd_functions() -> dict[str, type]:
     class MaskedSoftmax(AutogradFunction):
         @staticmethod
         def forward(ctx: Any, scores: Any, mask: Any) -> Any:
-            row_max = scores.max(-1, keepdim=True)[0]  # no grad is recorded inside forward
-            e = (scores - row_max).exp() * mask
-            with all_positive():
-                p = e * e.sum(-1, keepdim=True).reciprocal()
+            # The max over real tokens only (padding pushed 1024 down), so that the row sum of
+            # e = exp(scores - max) * mask lies in [1, T] and a ranged reciprocal suffices.
+            shift = row_max(scores + (mask - 1) * 1024.0)  # no grad is recorded in forward
+            e = (scores - shift).exp() * mask
+            p = e * reciprocal_in_range(e.sum(-1, keepdim=True), 1.0, float(scores.size(-1)))
             ctx.mark_non_differentiable(mask)
             ctx.save_for_backward(p)
             return p
@@ -186,12 +265,11 @@ def mpc_autograd_functions() -> dict[str, type]:
     class CrossEntropy(AutogradFunction):
         @staticmethod
         def forward(ctx: Any, logits: Any, onehot: Any) -> Any:
-            row_max = logits.max(-1, keepdim=True)[0]
-            e = (logits - row_max).exp()
+            shift = row_max(logits)
+            e = (logits - shift).exp()
             total = e.sum(-1, keepdim=True)  # in [1, C]
-            with all_positive():
-                p = e * total.reciprocal()
-            logsumexp = total.log() + row_max
+            p = e * reciprocal_in_range(total, 1.0, float(logits.size(-1)))
+            logsumexp = total.log() + shift
             loss = (logsumexp - (onehot * logits).sum(-1, keepdim=True)).mean()
             ctx.mark_non_differentiable(onehot)
             ctx.save_multiple_for_backward([p, onehot])

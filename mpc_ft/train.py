@@ -1,8 +1,10 @@
 """One training loop for both backends: the plaintext twin (TorchOps) and MPC on shares (MpcOps).
 
-Per step: take the batch's rows (a public, seeded order), forward, cross-entropy, backward, SGD with
-momentum and weight decay. Per epoch: the summed loss and the number of correct predictions are
-accumulated as (shared) scalars and revealed once, as aggregates, through `reveal_scalars`.
+Per step: take the batch's rows (a public, seeded order), forward, the cross-entropy gradient,
+backward, SGD with momentum and weight decay. Per epoch: the summed loss and the number of
+correct predictions are computed once over all the epoch's logits (one log, one argmax: in MPC
+their rounds are paid per epoch, not per step) and revealed once, as aggregates, through
+`reveal_scalars`.
 """
 
 from __future__ import annotations
@@ -65,6 +67,25 @@ def sgd_step(
     return new_params, new_velocity
 
 
+def train_step(
+    params: dict[str, Any],
+    velocity: dict[str, Any],
+    x: Any,
+    mask: Any,
+    y: Any,
+    *,
+    head: HeadConfig,
+    train_cfg: TrainConfig,
+    ops: Any,
+) -> tuple[dict[str, Any], dict[str, Any], Any, tuple[Any, Any]]:
+    """Forward, cross-entropy gradient, backward, SGD: returns the new parameters and
+    velocity, the (detached) logits and the loss terms for the epoch's metrics."""
+    logits = head_def.forward(params, x, mask, head, ops)
+    terms = ops.cross_entropy_backward(logits, y)
+    params, velocity = sgd_step(params, velocity, train_cfg, ops)
+    return params, velocity, logits.detach(), terms
+
+
 def train(
     params: dict[str, Any],
     data: Dataset,
@@ -83,26 +104,27 @@ def train(
     n = len(data)
     for epoch in range(train_cfg.epochs):
         start = time.perf_counter()
-        loss_sum, correct = ops.zero(), ops.zero()
         batches = batch_order(n, train_cfg.batch_size, train_cfg.seed, epoch)
         bar = tqdm(batches, desc=f"{ops.name} epoch {epoch + 1}/{train_cfg.epochs}",
                    unit="step", disable=not progress, leave=True)  # fmt: skip
+        seen: list[tuple[Any, Any, Any, Any]] = []  # per step: logits, labels, loss terms
         for index in bar:
             x, mask, y = (
                 ops.rows(data.x, index),
                 ops.rows(data.mask, index),
                 ops.rows(data.y, index),
             )
-            logits = head_def.forward(params, x, mask, head, ops)
-            loss = ops.cross_entropy(logits, y)
-            loss.backward()
-            params, velocity = sgd_step(params, velocity, train_cfg, ops)
-            with ops.no_grad():
-                loss_sum = loss_sum + loss.detach() * len(index)
-                correct = correct + ops.correct(logits.detach(), y)
+            params, velocity, logits, terms = train_step(
+                params, velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops
+            )
+            seen.append((logits, y, *terms))
             history.steps += 1
             if on_step:
                 on_step(history.steps)
+        with ops.no_grad():  # the epoch's metrics, batched: one log and one argmax per epoch
+            logits, labels, offsets, totals = (list(column) for column in zip(*seen, strict=True))
+            loss_sum = ops.loss_sum(offsets, totals)
+            correct = ops.correct(ops.cat(logits), ops.cat(labels))
         total_loss, total_correct = reveal_scalars([loss_sum, correct], f"epoch {epoch + 1}")
         history.loss.append(total_loss / n)
         history.accuracy.append(total_correct / n)

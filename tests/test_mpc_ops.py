@@ -11,9 +11,13 @@ import pytest
 import torch
 
 from mpc_ft.multiparty import run_multiparty
-from mpc_ft.ops import MpcOps, TorchOps
+from mpc_ft.ops import MpcOps, TorchOps, reciprocal_in_range, row_max
 
 B, H, T, D = 4, 2, 8, 16
+_g = torch.Generator().manual_seed(3)
+ROW_MAX = [torch.randn(shape, generator=_g) * 5 for shape in [(3, 5), (2, 7), (4, 1), (2, 2, 32)]]
+ROW_MAX.append(torch.tensor([[1.0, 1.0, -3.0], [-2.0, -2.0, -2.0]]))  # ties
+RECIPROCAL = {(1.0, 2.0): torch.linspace(1, 2, 11), (1.0, 32.0): torch.linspace(1, 32, 32)}
 
 
 def _inputs() -> dict[str, tuple[torch.Tensor, ...]]:
@@ -73,6 +77,16 @@ def _party(rank: int, inputs: dict) -> dict:
             [shared[i].grad.get_plain_text() for i in diff],
         )
     results["traps"] = _traps(crypten)
+    results["row_max"] = [row_max(crypten.cryptensor(x)).get_plain_text() for x in ROW_MAX]
+    results["reciprocal_in_range"] = {
+        bounds: reciprocal_in_range(crypten.cryptensor(x), *bounds).get_plain_text()
+        for bounds, x in RECIPROCAL.items()
+    }
+    logits_in, onehot = _inputs()["cross_entropy"]
+    logits = ops.leaf(crypten.cryptensor(logits_in))
+    offset, total = ops.cross_entropy_backward(logits, crypten.cryptensor(onehot))
+    loss = ops.loss_sum([offset], [total]).get_plain_text() / logits_in.size(0)
+    results["cross_entropy_backward"] = (loss, logits.grad.get_plain_text())
     return results
 
 
@@ -147,3 +161,36 @@ def test_crypten_traps_still_exist(mpc_results):
     assert traps["exp_below_minus_512"].abs().item() > 1.0, "exp below -512 is no longer garbage"
     print("inv_sqrt backward:", traps["inv_sqrt_grad"])
     assert not isinstance(traps["inv_sqrt_grad"], float), "inv_sqrt now has autograd"
+
+
+def test_row_max_tree_matches_torch_on_odd_sizes_and_ties(mpc_results):
+    for got, x in zip(mpc_results["row_max"], ROW_MAX, strict=True):
+        torch.testing.assert_close(got, x.max(-1, keepdim=True).values, atol=1e-3, rtol=0)
+
+
+def test_reciprocal_in_range_across_its_whole_range(mpc_results):
+    for bounds, x in RECIPROCAL.items():
+        got = mpc_results["reciprocal_in_range"][bounds]
+        torch.testing.assert_close(got * x, torch.ones_like(x), atol=2e-3, rtol=0)
+
+
+def test_cross_entropy_backward_gives_the_loss_and_gradient_of_cross_entropy(mpc_results):
+    loss, grad = mpc_results["cross_entropy_backward"]
+    logits, onehot = (t.clone() for t in _inputs()["cross_entropy"])
+    logits.requires_grad_(True)
+    ref = TorchOps.cross_entropy(logits, onehot)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 5e-3
+    torch.testing.assert_close(grad, logits.grad, atol=5e-3, rtol=0)
+
+
+def test_plaintext_cross_entropy_backward_is_exactly_torchs():
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(6, 4, generator=g) * 3).requires_grad_(True)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 4, (6,), generator=g), 4).float()
+    terms = TorchOps.cross_entropy_backward(logits, onehot)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_logits, onehot.argmax(-1))
+    ref.backward()
+    torch.testing.assert_close(TorchOps.loss_sum(*([t] for t in terms)) / 6, ref.detach())
+    torch.testing.assert_close(logits.grad, ref_logits.grad)

@@ -61,6 +61,10 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
     ]
 
 
+def _reference_order(row: dict) -> tuple:
+    return row.get("variant", ""), row["parties"], row["case"]
+
+
 def reference_section(rows: list[dict]) -> list[str]:
     ref = [r for r in rows if r["group"] == "reference"]
     if not ref:
@@ -70,9 +74,10 @@ def reference_section(rows: list[dict]) -> list[str]:
            "MPC: computing parties plus the dealer (TTP), one thread each. Seconds: median "
            "[min-max] over the repeats of party 0; MiB and rounds: per party (party 0 first; it "
            "also talks to the dealer), from CrypTen's own counters.", ""]  # fmt: skip
-    lines = [[f"{r['parties']} parties", r["case"].split("/")[-1], _spread(r), _plain(r),
+    lines = [[f"{r.get('variant', 'exact')}, {r['parties']} parties", r["case"].split("/")[-1],
+              _spread(r), _plain(r),
               _ratio(r), _mib(r["bytes_per_party"]), _rounds(r["rounds_per_party"])]
-             for r in sorted(ref, key=lambda r: (r["parties"], r["case"]))]  # fmt: skip
+             for r in sorted(ref, key=_reference_order)]  # fmt: skip
     out += _table(["setup", "phase", "MPC", "plaintext", "MPC / plaintext", "MiB per party",
                    "rounds per party"], lines)  # fmt: skip
     out += ["", "Measured elsewhere with the same configuration (shared/DESIGN.md), for "
@@ -234,6 +239,30 @@ def phases_section(rows: list[dict]) -> list[str]:
     return out + _table(["phase", "seconds", "plaintext twin", "ratio"], lines) + [""]
 
 
+def accuracy_section(rows: list[dict]) -> list[str]:
+    study = [r for r in rows if r["group"] == "accuracy_study"]
+    if not study:
+        return []
+    cfg = study[0]["config"]
+    out = ["## Exact vs MPC-native head: accuracy", "",
+           f"Rotten Tomatoes, {cfg['train']} training examples, {cfg['test']} held-out test "
+           "examples (other movies), all-MiniLM-L6-v2 layer 4, the demo's head and training "
+           "settings. Twins are plaintext; `native-mpc` is the native head trained and "
+           "evaluated under MPC (2 parties + dealer).", ""]  # fmt: skip
+    lines = [
+        [
+            r["variant"],
+            ", ".join(f"{a:.2%}" for a in r["accuracies"]),
+            f"{r['accuracy_mean']:.2%}",
+            f"{r['twin_accuracy']:.2%}" if r.get("twin_accuracy") is not None else "-",
+            _s(sum(r["seconds"]["runs"])) if r.get("seconds") else "-",
+        ]
+        for r in study
+    ]
+    return out + _table(["head", "accuracy per seed", "mean", "its twin (same seed)",
+                         "MPC training time"], lines) + [""]  # fmt: skip
+
+
 def network_section(rows: list[dict]) -> list[str]:
     net = [r for r in rows if r["group"] == "network"]
     if not net:
@@ -285,6 +314,7 @@ def render(results: Path = RESULTS, out: Path = ROOT / "BENCHMARKS.md",
     text += reference_section(rows)
     text += component_section(rows, plots, out.parent)
     text += scaling_section(rows, plots, out.parent)
+    text += accuracy_section(rows)
     text += phases_section(rows)
     text += network_section(rows)
     out.write_text("\n".join(text))

@@ -4,8 +4,10 @@
     make bench-quick      # CI smoke: 1 repeat (no timing asserted)
 
 Cases: a training step (forward, backward, update and their sum) and an inference forward,
-under 2 and 3 computing parties with the dealer; and the loss after 5 MPC training steps
-against the twin's. One JSON row per case and phase goes to benchmarks/results/.
+of the exact head and of the MPC-native head (quad attention, quad activation, centring; the
+same shapes), under 2 and 3 computing parties with the dealer; and the loss after 5 MPC
+training steps of the exact head against the twin's. One JSON row per case and phase goes to
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -26,27 +28,34 @@ HEAD = HeadConfig(d_model=128, num_heads=2, d_ffn=256, num_blocks=1, project_inp
 SGD = TrainConfig(epochs=1, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0)
 
 
+VARIANTS = ["exact", "native"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("parties", [2, 3])
-def test_reference_training_step(benchmark, parties):
-    config = REFERENCE | {"mode": "train"}
+def test_reference_training_step(benchmark, parties, variant):
+    config = REFERENCE | {"mode": "train", "native": variant == "native"}
     result = benchmark.pedantic(measure, args=(head_build, head_run, config),
                                 kwargs={"parties": parties, "repeats": pick(1, 5)},
                                 rounds=1, iterations=1)  # fmt: skip
     for phase in ("step", "forward", "backward", "update"):
-        row = write_phase_row(f"reference/mpc{parties}/{phase}", result, phase,
-                              group="reference", config=config, parties=parties)  # fmt: skip
+        row = write_phase_row(f"reference/{variant}/mpc{parties}/{phase}", result, phase,
+                              group="reference", config=config, parties=parties,
+                              variant=variant)  # fmt: skip
         assert row["bytes_per_party"][0] > 0 or phase == "update"
     benchmark.extra_info["seconds_per_step"] = result.mpc["step"].seconds
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("parties", [2, 3])
-def test_reference_inference_forward(benchmark, parties):
-    config = REFERENCE | {"mode": "inference"}
+def test_reference_inference_forward(benchmark, parties, variant):
+    config = REFERENCE | {"mode": "inference", "native": variant == "native"}
     result = benchmark.pedantic(measure, args=(head_build, head_run, config),
                                 kwargs={"parties": parties, "repeats": pick(1, 5)},
                                 rounds=1, iterations=1)  # fmt: skip
-    write_phase_row(f"reference/mpc{parties}/inference", result, "inference",
-                    group="reference", config=config, parties=parties)  # fmt: skip
+    write_phase_row(f"reference/{variant}/mpc{parties}/inference", result, "inference",
+                    group="reference", config=config, parties=parties,
+                    variant=variant)  # fmt: skip
 
 
 def reference_batch() -> tuple[dict[str, torch.Tensor], train.Dataset]:

@@ -17,15 +17,18 @@ import torch
 
 from mpc_ft import head as head_def
 from mpc_ft import train
-from mpc_ft.config import HeadConfig, TrainConfig
+from mpc_ft.config import NATIVE_HEAD, HeadConfig, TrainConfig
 
 REFERENCE = {"batch": 16, "tokens": 32, "d_model": 128, "heads": 2, "ffn": 256, "blocks": 1,
              "classes": 2}  # fmt: skip
 
 
-def _head(d_model: int, heads: int, ffn: int, blocks: int) -> HeadConfig:
+NATIVE = NATIVE_HEAD  # the MPC-native head (README, "Exact and MPC-native heads")
+
+
+def _head(d_model: int, heads: int, ffn: int, blocks: int, native: bool = False) -> HeadConfig:
     return HeadConfig(d_model=d_model, num_heads=heads, d_ffn=ffn, num_blocks=blocks,
-                      project_input=False)  # fmt: skip
+                      project_input=False, **(NATIVE if native else {}))  # fmt: skip
 
 
 def _data(batch: int, tokens: int, width: int, classes: int) -> dict[str, torch.Tensor]:
@@ -34,32 +37,35 @@ def _data(batch: int, tokens: int, width: int, classes: int) -> dict[str, torch.
     mask = torch.ones(batch, tokens)
     mask[: batch // 2, tokens - tokens // 4 :] = 0  # half the rows padded in their last quarter
     labels = torch.randint(0, classes, (batch,), generator=g)
-    return {"x": x, "mask": mask, "y": torch.nn.functional.one_hot(labels, classes).float()}
+    y = torch.nn.functional.one_hot(labels, classes).float()
+    return {"x": x, "mask": mask, "y": y, "inv_count": 1.0 / mask.sum(1, keepdim=True)}
 
 
 def head_build(*, batch: int, tokens: int, d_model: int, heads: int, ffn: int, blocks: int,
-               classes: int, **_: Any) -> dict[str, torch.Tensor]:  # fmt: skip
-    params = head_def.init_params(_head(d_model, heads, ffn, blocks), d_model, classes, seed=0)
+               classes: int, native: bool = False,
+               **_: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+    head = _head(d_model, heads, ffn, blocks, native)
+    params = head_def.init_params(head, d_model, classes, seed=0)
     return _data(batch, tokens, d_model, classes) | {f"p.{k}": v for k, v in params.items()}
 
 
 def head_run(inputs: dict[str, Any], ops: Any, timer: Any, *, d_model: int, heads: int,
              ffn: int, blocks: int, mode: str = "train", lr: float = 0.1,
-             **_: Any) -> None:  # fmt: skip
+             native: bool = False, **_: Any) -> None:  # fmt: skip
     """mode "train": phases forward, backward, update and their sum "step";
     mode "inference": one forward without gradients, phase "inference"."""
-    head = _head(d_model, heads, ffn, blocks)
-    x, mask, y = inputs["x"], inputs["mask"], inputs["y"]
+    head = _head(d_model, heads, ffn, blocks, native)
+    x, mask, y, counts = inputs["x"], inputs["mask"], inputs["y"], inputs["inv_count"]
     if mode == "inference":
         params = {k[2:]: v for k, v in inputs.items() if k.startswith("p.")}
         with ops.no_grad(), timer("inference"):
-            head_def.forward(params, x, mask, head, ops)
+            head_def.forward(params, x, mask, head, ops, counts)
         return
     params = {k[2:]: ops.leaf(v) for k, v in inputs.items() if k.startswith("p.")}
     sgd = TrainConfig(lr=lr, momentum=0.0, weight_decay=0.0)
     with timer("step"):  # train.train_step, phase by phase
         with timer("forward"):
-            logits = head_def.forward(params, x, mask, head, ops)
+            logits = head_def.forward(params, x, mask, head, ops, counts)
         with timer("backward"):
             ops.cross_entropy_backward(logits, y)
         with timer("update"):
@@ -121,7 +127,7 @@ def component_run(inputs: dict[str, Any], ops: Any, timer: Any, *, component: st
         elif component == "gelu":
             out = ops.gelu(x)
         elif component == "masked_mean":
-            out = ops.masked_mean(x, mask)
+            out = ops.masked_mean(x, mask, inputs["inv_count"])
         else:  # the training step's: the gradient of the loss, no loss value (train.py)
             out = ops.cross_entropy_backward(x, inputs["y"])
     with timer("backward"):

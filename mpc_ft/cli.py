@@ -2,7 +2,8 @@
 
     mpc-ft demo [--out DIR] [--data-owners N] [--dataset FILE] [--test-dataset FILE]
                 [--backbone DIR] [--train-size N] [--test-size N] [--epochs N]
-                [--max-tokens N] [--layer N] [--seed N] [--separate-model-owner]
+                [--max-tokens N] [--layer N] [--seed N] [--head exact|native]
+                [--separate-model-owner]
     mpc-ft party --job JOB.toml --party NAME [--private FILE] [--data FILE] [--test-data FILE]
                  [--token-file FILE] [--backbone DIR] [--interface IFACE] [--out DIR]
     mpc-ft sample-data --owners alice,bob [--out DIR] [--train-size N] [--test-size N]
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         help="backbone hidden layer (default: 4 for the packaged MiniLM, the last layer otherwise)",
     )
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--head",
+        choices=("exact", "native"),
+        default="exact",
+        help="exact transformer head, or the MPC-native one (README)",
+    )
     demo.add_argument("--cache", type=Path, help="feature cache (default: next to --out)")
     demo.add_argument("--no-progress", action="store_true")
 
@@ -108,6 +115,7 @@ def _demo(args: argparse.Namespace) -> None:
             max_tokens=args.max_tokens,
             layer=args.layer,
             seed=args.seed,
+            head=args.head,
             cache_dir=args.cache,
             progress=not args.no_progress,
         )

@@ -45,6 +45,9 @@ from mpc_ft.errors import BadInput
 
 ROLES = ("data_owner", "model_owner", "dealer")
 HEAD_REVEALS = ("model_owner", "nobody")
+NATIVE_HEAD = {"attention": "quad", "activation": "quad", "norm": "center"}  # README table
+HEAD_CHOICES = {"attention": ("softmax", "quad"), "activation": ("gelu", "quad"),
+                "norm": ("layernorm", "center")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,14 @@ class HeadConfig:
     num_blocks: int = 1
     project_input: bool = True  # False: the backbone width is the model width (no projection)
     ln_eps: float = 1e-5
+    # The exact head (softmax, gelu, layernorm) computes the usual transformer up to fixed-point
+    # error. MPC-native choices are cheap under MPC and trained natively (no approximation gap):
+    # "quad" attention (s + c)^2 over its row sum (MPCFormer's 2Quad), "quad" activation
+    # 0.125 x^2 + 0.25 x + 0.5 (MPCFormer), "center" normalisation (x - mean) * g + b (no
+    # inverse square root). README: "Exact and MPC-native heads".
+    attention: str = "softmax"
+    activation: str = "gelu"
+    norm: str = "layernorm"
 
 
 @dataclass(frozen=True)
@@ -219,6 +230,9 @@ def _validate(job: JobConfig) -> None:
         raise BadInput(f"{where}: provider TFP is insecure; set mpc.allow_insecure_provider")
     if len(set(job.labels)) != len(job.labels) or len(job.labels) < 2:
         raise BadInput(f"{where}: labels must be at least 2 distinct names, got {job.labels}")
+    for key, allowed in HEAD_CHOICES.items():
+        if getattr(job.head, key) not in allowed:
+            raise BadInput(f"{where}: head.{key} must be one of {allowed}")
     if job.head.d_model % job.head.num_heads:
         raise BadInput(f"{where}: head.d_model must be divisible by head.num_heads")
     if job.reveal.head not in HEAD_REVEALS:

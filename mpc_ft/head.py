@@ -70,13 +70,23 @@ def init_params(
 
 
 def forward(
-    params: dict[str, Any], x: Any, mask: Any, head: HeadConfig, ops: Any = TorchOps
+    params: dict[str, Any],
+    x: Any,
+    mask: Any,
+    head: HeadConfig,
+    ops: Any = TorchOps,
+    inv_count: Any = None,
 ) -> Any:
-    """x [B,T,d_in], mask [B,T] (1 real token, 0 padding) -> logits [B,C]."""
+    """x [B,T,d_in], mask [B,T] (1 real token, 0 padding), inv_count [B,1] (1 / real tokens,
+    or None to compute it) -> logits [B,C]."""
     B, T = x.size(0), x.size(1)
     D, H = head.d_model, head.num_heads
     hs = D // H
     key_mask = mask.reshape(B, 1, 1, T)  # broadcast over heads and queries
+    norm = ops.layer_norm if head.norm == "layernorm" else ops.center
+    activation = ops.gelu if head.activation == "gelu" else ops.quad_activation
+    if inv_count is None:  # 1 / real tokens per row; data owners share it with their data
+        inv_count = ops.inverse_count(mask)
     h = ops.linear(x, params["in.w"], params["in.b"]) if head.project_input else x  # [B,T,D]
     for i in range(head.num_blocks):
         p = f"b{i}."
@@ -87,18 +97,22 @@ def forward(
 
         q = heads(0) * (1.0 / math.sqrt(hs))  # scale q: fewer elements than the scores
         scores = q.matmul(heads(1).transpose(2, 3))  # [B,H,T,T]
-        attn = ops.masked_softmax(scores, key_mask).matmul(heads(2))  # [B,H,T,hs]
+        if head.attention == "softmax":
+            weights = ops.masked_softmax(scores, key_mask)
+        else:
+            weights = ops.quad_attention(scores, key_mask, inv_count)
+        attn = weights.matmul(heads(2))  # [B,H,T,hs]
         attn = attn.permute((0, 2, 1, 3)).reshape(B, T, D)
-        h = ops.layer_norm(
+        h = norm(
             h + ops.linear(attn, params[p + "out.w"], params[p + "out.b"]),
             params[p + "ln1.g"],
             params[p + "ln1.b"],
             head.ln_eps,
         )
-        ffn = ops.linear(ops.gelu(ops.linear(h, params[p + "ffn1.w"], params[p + "ffn1.b"])),
+        ffn = ops.linear(activation(ops.linear(h, params[p + "ffn1.w"], params[p + "ffn1.b"])),
                          params[p + "ffn2.w"], params[p + "ffn2.b"])  # fmt: skip
-        h = ops.layer_norm(h + ffn, params[p + "ln2.g"], params[p + "ln2.b"], head.ln_eps)
-    pooled = ops.masked_mean(h, mask)  # [B,D]
+        h = norm(h + ffn, params[p + "ln2.g"], params[p + "ln2.b"], head.ln_eps)
+    pooled = ops.masked_mean(h, mask, inv_count)  # [B,D]
     return ops.linear(pooled, params["cls.w"], params["cls.b"])  # [B,C]
 
 

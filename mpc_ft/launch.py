@@ -25,7 +25,7 @@ from typing import IO, Any
 import torch
 
 from mpc_ft import data as data_lib
-from mpc_ft.config import BackboneConfig, JobConfig, PartyConfig, job_from_dict
+from mpc_ft.config import NATIVE_HEAD, BackboneConfig, JobConfig, PartyConfig, job_from_dict
 from mpc_ft.errors import BadInput, PeerFailure
 from mpc_ft.multiparty import free_port
 
@@ -46,6 +46,7 @@ class DemoOptions:
     max_tokens: int = 32
     layer: int | None = None  # None: 4 for the packaged MiniLM (measured best), else the last
     seed: int = 0
+    head: str = "exact"  # or "native": the MPC-native head (config.NATIVE_HEAD)
     cache_dir: Path | None = None
     progress: bool = True
 
@@ -113,6 +114,8 @@ def write_sample_data(opts: DemoOptions, owners: list[str], out: Path) -> list[P
 
 
 def build_job(opts: DemoOptions, labels: tuple[str, ...]) -> JobConfig:
+    if opts.head not in ("exact", "native"):
+        raise BadInput(f"--head {opts.head}: choose exact or native")
     parties = demo_parties(opts.data_owners, opts.separate_model_owner)
     layer = opts.layer
     if layer is None:
@@ -124,6 +127,7 @@ def build_job(opts: DemoOptions, labels: tuple[str, ...]) -> JobConfig:
             "parties": [{"name": p.name, "roles": list(p.roles), "host": p.host} for p in parties],
             "backbone": {"path": opts.backbone, "max_tokens": opts.max_tokens, "layer": layer},
             "train": {"epochs": opts.epochs, "seed": opts.seed},
+            "head": NATIVE_HEAD if opts.head == "native" else {},
             "mpc": {"rendezvous": f"tcp://127.0.0.1:{free_port()}"},
         },
         where="demo options",
@@ -323,7 +327,7 @@ def train_twin(
             )  # fmt: skip
             y = data_lib.one_hot(data_lib.encode_labels(shard, job.labels), job.num_classes)
             parts.append((x, mask, y))
-        return train.Dataset(*(torch.cat(t) for t in zip(*parts, strict=True)))
+        return train.Dataset.counted(*(torch.cat(t) for t in zip(*parts, strict=True)))
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train_set, test_set = features(train_shards), features(test_shards)

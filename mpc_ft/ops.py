@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
-from mpc_ft.compat import all_positive
-
 GELU_K = math.sqrt(2.0 / math.pi)
+QUAD_C = 5.0  # 2Quad's shift (MPCFormer)
 
 
 class TorchOps:
@@ -52,15 +51,42 @@ class TorchOps:
         return 0.5 * x * (1.0 + torch.tanh(GELU_K * (x + 0.044715 * x * x.square())))
 
     @staticmethod
+    def quad_activation(x: Any) -> Any:
+        """MPCFormer's Quad in place of GELU: 0.125 x^2 + 0.25 x + 0.5 (one square)."""
+        return x.square() * 0.125 + x * 0.25 + 0.5
+
+    @staticmethod
+    def center(x: Any, gamma: Any, beta: Any, eps: float) -> Any:
+        """Normalisation without scaling: (x - mean) * gamma + beta (linear: free in MPC)."""
+        return (x - x.mean(-1, keepdim=True)) * gamma + beta
+
+    @classmethod
+    def quad_attention(cls, scores: Any, mask: Any, inv_count: Any = None) -> Any:
+        """MPCFormer's 2Quad, (s + c)^2 over the real keys, normalised by c^2 times the number
+        of real keys instead of by its row sum: no division of secrets (scores [B,H,T,T],
+        mask [B,1,1,T], inv_count [B,1])."""
+        inv_count = (
+            cls.inverse_count(mask.reshape(mask.size(0), -1)) if inv_count is None else inv_count
+        )
+        scale = inv_count.reshape(-1, 1, 1, 1) * (1.0 / QUAD_C**2)
+        return (scores + QUAD_C).square() * (mask * scale)
+
+    @staticmethod
     def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         shifted = scores - scores.detach().amax(-1, keepdim=True)
         e = shifted.exp() * mask
         return e / e.sum(-1, keepdim=True)
 
     @staticmethod
-    def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def inverse_count(mask: torch.Tensor) -> torch.Tensor:
+        """mask [B,T] -> [B,1]: 1 / the number of real tokens of each row."""
+        return 1.0 / mask.sum(1, keepdim=True)
+
+    @classmethod
+    def masked_mean(cls, h: Any, mask: Any, inv_count: Any = None) -> Any:
         """h [B,T,D], mask [B,T] -> [B,D]: mean over the real tokens of each row."""
-        return (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        inv_count = cls.inverse_count(mask) if inv_count is None else inv_count
+        return (h * mask.unsqueeze(-1)).sum(1) * inv_count
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -136,10 +162,9 @@ class MpcOps(TorchOps):
         return scores.mpcft_masked_softmax(mask)
 
     @staticmethod
-    def masked_mean(h: Any, mask: Any) -> Any:
-        with all_positive():
-            inverse_count = mask.sum(1, keepdim=True).reciprocal()  # one reciprocal per example
-        return (h * mask.unsqueeze(-1)).sum(1) * inverse_count
+    def inverse_count(mask: Any) -> Any:
+        """One ranged reciprocal per example; data owners normally share it instead (free)."""
+        return reciprocal_in_range(mask.sum(1, keepdim=True), 1.0, float(mask.size(1)))
 
     @staticmethod
     def cross_entropy(logits: Any, onehot: Any) -> Any:

@@ -88,7 +88,7 @@ def load_owner_data(job: JobConfig, path: Path, files: PartyFiles) -> Dataset:
         cache_dir=files.cache_dir,
         progress=files.progress,
     )
-    return Dataset(x=hidden, mask=mask, y=labels)
+    return Dataset.counted(hidden, mask, labels)
 
 
 def endpoint(job: JobConfig, name: str, interface: str | None) -> compat.PartyEndpoint:

@@ -3,9 +3,10 @@
 Protocol, run identically by every computing party (ranks from the job file, by name):
 1. (Before: handshake.py has checked every party and exchanged the public shapes: example
    counts, tokens per example, feature width.)
-2. Each data owner, in rank order, shares its features [n,T,d], padding mask [n,T] and one-hot
-   labels [n,C] with src = its rank (CrypTen's pseudo-random zero sharing plus the owner's values);
-   the others pass only the public shape. The training set is the concatenation.
+2. Each data owner, in rank order, shares its features [n,T,d], padding mask [n,T], one-hot
+   labels [n,C] and inverse token counts [n,1] (computed from its own mask) with src = its
+   rank (CrypTen's pseudo-random zero sharing plus the owner's values); the others pass only
+   the public shape. The training set is the concatenation.
 3. The model owner shares every head parameter the same way.
 4. Every decryption goes through `Revealer`, which records what was revealed to whom.
 """
@@ -60,6 +61,9 @@ def share_datasets(
                     x=share(crypten, mine.x if mine else None, (n, T, width), src),
                     mask=share(crypten, mine.mask if mine else None, (n, T), src),
                     y=share(crypten, mine.y if mine else None, (n, C), src),
+                    # 1 / real tokens per example, from the mask its owner holds in the clear:
+                    # sharing it costs nothing and saves a reciprocal per batch in MPC
+                    inv_count=share(crypten, _inverse_count(mine) if mine else None, (n, 1), src),
                 )
             )
         if not pieces:
@@ -67,10 +71,13 @@ def share_datasets(
         elif len(pieces) == 1:
             result[part] = pieces[0]
         else:
-            result[part] = Dataset(
-                *(crypten.cat([getattr(p, f) for p in pieces], dim=0) for f in ("x", "mask", "y"))
-            )
+            fields = ("x", "mask", "y", "inv_count")
+            result[part] = Dataset(*(crypten.cat([getattr(p, f) for p in pieces]) for f in fields))
     return result
+
+
+def _inverse_count(data: Dataset) -> torch.Tensor:
+    return data.inv_count if data.inv_count is not None else 1.0 / data.mask.sum(1, keepdim=True)
 
 
 def share_head(

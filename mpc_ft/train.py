@@ -31,6 +31,17 @@ class Dataset:
     x: Any  # [N,T,d]
     mask: Any  # [N,T]
     y: Any  # [N,C]
+    inv_count: Any = None  # [N,1]: 1 / real tokens; its owner computes it in the clear
+
+    @classmethod
+    def counted(cls, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> Dataset:
+        """Plain data with its inverse token counts."""
+        return cls(x, mask, y, 1.0 / mask.sum(1, keepdim=True))
+
+    def batch(self, index: torch.Tensor, ops: Any) -> tuple[Any, Any, Any, Any]:
+        """The rows of `index`: x, mask, y, inv_count (None when absent)."""
+        rows = [ops.rows(t, index) for t in (self.x, self.mask, self.y)]
+        return (*rows, None if self.inv_count is None else ops.rows(self.inv_count, index))
 
     def __len__(self) -> int:
         return self.x.size(0)
@@ -77,10 +88,11 @@ def train_step(
     head: HeadConfig,
     train_cfg: TrainConfig,
     ops: Any,
+    inv_count: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any], Any, tuple[Any, Any]]:
     """Forward, cross-entropy gradient, backward, SGD: returns the new parameters and
     velocity, the (detached) logits and the loss terms for the epoch's metrics."""
-    logits = head_def.forward(params, x, mask, head, ops)
+    logits = head_def.forward(params, x, mask, head, ops, inv_count)
     terms = ops.cross_entropy_backward(logits, y)
     params, velocity = sgd_step(params, velocity, train_cfg, ops)
     return params, velocity, logits.detach(), terms
@@ -109,14 +121,11 @@ def train(
                    unit="step", disable=not progress, leave=True)  # fmt: skip
         seen: list[tuple[Any, Any, Any, Any]] = []  # per step: logits, labels, loss terms
         for index in bar:
-            x, mask, y = (
-                ops.rows(data.x, index),
-                ops.rows(data.mask, index),
-                ops.rows(data.y, index),
-            )
+            x, mask, y, inv_count = data.batch(index, ops)
             params, velocity, logits, terms = train_step(
-                params, velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops
-            )
+                params, velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
+                inv_count=inv_count,
+            )  # fmt: skip
             seen.append((logits, y, *terms))
             history.steps += 1
             if on_step:
@@ -152,12 +161,8 @@ def evaluate(
     batches = list(torch.arange(len(data)).split(batch_size))
     with ops.no_grad():
         for index in tqdm(batches, desc=f"{ops.name} evaluation", disable=not progress):
-            x, mask, y = (
-                ops.rows(data.x, index),
-                ops.rows(data.mask, index),
-                ops.rows(data.y, index),
-            )
-            logits = head_def.forward(params, x, mask, head, ops)
+            x, mask, y, inv_count = data.batch(index, ops)
+            logits = head_def.forward(params, x, mask, head, ops, inv_count)
             correct = correct + ops.correct(logits, y)
     (total,) = reveal_scalars([correct], "test accuracy")
     return total / len(data)

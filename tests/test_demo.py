@@ -46,7 +46,7 @@ def test_default_demo_tiny(tmp_path):
     ]
 
 
-def test_own_csv_with_three_classes_and_a_decoder_backbone(tmp_path):
+def test_own_csv_with_three_classes_a_decoder_backbone_and_the_native_head(tmp_path):
     backbone = _save_llama(tmp_path / "llama", {"unk_token": "<unk>", "eos_token": "</s>"})
     rows = [(" ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 5)), f"c{i % 3}")
             for i in range(36)]  # fmt: skip
@@ -55,9 +55,12 @@ def test_own_csv_with_three_classes_and_a_decoder_backbone(tmp_path):
             csv.writer(f).writerows([("text", "label"), *part])
     report = _demo(tmp_path, "--dataset", str(tmp_path / "train.csv"), "--test-dataset",
                    str(tmp_path / "test.csv"), "--backbone", str(backbone), "--data-owners", "3",
-                   "--max-tokens", "8")  # fmt: skip
+                   "--max-tokens", "8", "--head", "native")  # fmt: skip
     assert report["num_classes"] == 3 and report["labels"] == ["c0", "c1", "c2"]
     assert [p["name"] for p in report["parties"]][:3] == ["alice", "bob", "carol"]
+    assert report["head"]["attention"] == "quad" and report["head"]["norm"] == "center"
+    assert abs(report["loss_mpc"][0] - report["loss_plaintext"][0]) < 0.02
     head = HeadModule.load(tmp_path / "run" / "head")  # plain torch, no CrypTen involved
+    assert head.head.activation == "quad"
     logits = head(torch.randn(5, 8, 32), torch.ones(5, 8))
     assert logits.shape == (5, 3) and head.labels == ["c0", "c1", "c2"]

@@ -36,12 +36,18 @@ def _inputs() -> dict[str, tuple[torch.Tensor, ...]]:
         "masked_mean": (torch.randn(B, T, D, generator=g), mask),
         "cross_entropy": (torch.randn(B, 3, generator=g) * 2, onehot),
         "matmul_4d": (torch.randn(B, H, T, D, generator=g), torch.randn(B, H, D, T, generator=g)),
+        # the MPC-native head's components
+        "quad_attention": (torch.randn(B, H, T, T, generator=g), mask.reshape(B, 1, 1, T)),
+        "quad_activation": (torch.linspace(-6, 6, 64).reshape(4, 16),),
+        "center": (torch.randn(B, T, D, generator=g) * 2 + 0.5,
+                   torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)),
     }  # fmt: skip
 
 
 # Which inputs are differentiable (the rest, masks and labels, are data).
-DIFFERENTIABLE = {"masked_softmax": (0,), "masked_mean": (0,), "cross_entropy": (0,)}
-EXTRA = {"layer_norm": (1e-5,)}
+DIFFERENTIABLE = {"masked_softmax": (0,), "masked_mean": (0,), "cross_entropy": (0,),
+                  "quad_attention": (0,)}  # fmt: skip
+EXTRA = {"layer_norm": (1e-5,), "center": (1e-5,)}
 
 
 def _apply(ops, name, args):
@@ -132,6 +138,7 @@ def _reference(name, args):
 TOLERANCE = {
     "linear": 2e-3, "matmul_4d": 2e-3, "masked_mean": 2e-3, "layer_norm": 1e-2,
     "gelu": 1e-2, "masked_softmax": 1e-2, "cross_entropy": 1e-2,
+    "quad_attention": 2e-3, "quad_activation": 2e-3, "center": 2e-3,
 }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -276,20 +277,23 @@ def network_section(rows: list[dict]) -> list[str]:
         "Predicted: the unshaped step + rounds x per-round delay + bytes / bandwidth.",
         "",
     ]
-    keys = [k for k in ("profile", "bandwidth", "latency", "rtt_ms", "predicted_seconds")
-            if any(k in r for r in net)]  # fmt: skip
     lines = [
         [
-            r["case"],
-            *(str(r.get(k, "-")) for k in keys),
+            r["profile"],
+            f"{r['bandwidth_bit_s'] / 1e6:g} Mbit/s",
+            f"{r['rtt_s'] * 1000:g} ms",
+            _s(statistics.median(r["loopback_seconds"])),
             _spread(r),
+            _s(r["predicted_seconds"]),
+            f"{r['measured_over_predicted']:.2f}",
             _mib(r["bytes_per_party"]),
             _rounds(r["rounds_per_party"]),
         ]
         for r in net
     ]
-    return out + _table(["case", *keys, "measured", "MiB per party", "rounds per party"],
-                        lines) + [""]  # fmt: skip
+    return out + _table(["profile", "bandwidth", "RTT", "unshaped step", "measured step",
+                         "predicted", "measured / predicted", "MiB per party",
+                         "rounds per party"], lines) + [""]  # fmt: skip
 
 
 def render(results: Path = RESULTS, out: Path = ROOT / "BENCHMARKS.md",

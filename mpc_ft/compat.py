@@ -15,6 +15,10 @@ Patches (each pinned by a test in tests/test_compat.py):
    environment is incomplete. We always set RENDEZVOUS, WORLD_SIZE, RANK and DISTRIBUTED_BACKEND
    explicitly, and refuse a world size below 2.
 4. Communication statistics are only recorded with `cfg.communicator.verbose`; we turn it on.
+5. CrypTen's config reads and overrides go through OmegaConf in every operation (~15% of a
+   party's CPU); `_fast_config` serves them from a plain namespace.
+6. With the TTP provider, every party but 0 computes a throw-away product per Beaver triple
+   to learn its shape; `_triples_without_dummy_products` takes the shape from meta tensors.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ def _configure(crypten: types.ModuleType, ep: PartyEndpoint) -> None:
     )
     if ep.socket_ifname:
         os.environ["GLOO_SOCKET_IFNAME"] = ep.socket_ifname
+    _fast_config(crypten)
     crypten.cfg.mpc.provider = ep.provider
     crypten.cfg.encoder.precision_bits = ep.precision_bits
     crypten.cfg.communicator.verbose = True
@@ -138,6 +143,99 @@ def _configure(crypten: types.ModuleType, ep: PartyEndpoint) -> None:
         )
 
 
+def _fast_config(crypten: types.ModuleType) -> None:
+    """Patch 5: CrypTen reads `crypten.cfg` (an OmegaConf tree) inside every operation and
+    merges a new tree for every `temp_override` (reciprocal, exp, max do that per call): at the
+    head's sizes that was about 15% of a party's CPU. From here on the config's values live in a
+    plain nested namespace: reads are attribute lookups, overrides set and restore a value.
+    Same values, same semantics for reading, overriding and setting existing keys."""
+    cls = type(crypten.cfg)
+    if cls.__dict__.get("_mpcft_fast"):
+        return
+    from omegaconf import OmegaConf
+
+    def values(self: Any) -> Any:
+        state = object.__getattribute__(self, "__dict__")
+        if "_mpcft_values" not in state:
+            state["_mpcft_values"] = _namespace(OmegaConf.to_container(state["config"]))
+        return state["_mpcft_values"]
+
+    def lookup(node: Any, dotted: str) -> tuple[Any, str]:
+        *path, last = dotted.split(".")
+        for key in path:
+            node = getattr(node, key)
+        return node, last
+
+    def getattribute(self: Any, name: str) -> Any:
+        try:
+            return object.__getattribute__(self, name)
+        except AttributeError:
+            node, last = lookup(values(self), name)
+            return getattr(node, last)
+
+    def setattribute(self: Any, name: str, value: Any) -> None:
+        if name == "config":
+            object.__setattr__(self, name, value)
+            object.__getattribute__(self, "__dict__").pop("_mpcft_values", None)
+            return
+        node, last = lookup(values(self), name)
+        setattr(node, last, value)
+
+    @contextlib.contextmanager
+    def temp_override(self: Any, override_dict: dict[str, Any]) -> Iterator[None]:
+        saved = []
+        try:
+            for dotted, value in override_dict.items():
+                node, last = lookup(values(self), dotted)
+                saved.append((node, last, getattr(node, last)))
+                setattr(node, last, value)
+            yield
+        finally:
+            for node, last, old in reversed(saved):
+                setattr(node, last, old)
+
+    cls.__getattribute__ = getattribute
+    cls.__setattr__ = setattribute
+    cls.temp_override = temp_override
+    cls._mpcft_fast = True
+
+
+def _triples_without_dummy_products() -> None:
+    """Patch 6: CrypTen's TTP provider makes every party but party 0 multiply two random
+    tensors only to learn the product's shape (a TODO in its code): one full int64 matmul per
+    Beaver triple, thrown away. The shape comes from meta tensors instead; every random draw
+    is the same, in the same order, so the shares still match the dealer's (a wrong share
+    would break every product in tests/test_mpc_ops.py and test_mpc_training.py)."""
+    import crypten.communicator as comm
+    import torch
+    from crypten.common.rng import generate_random_ring_element
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPClient
+
+    if getattr(TrustedThirdParty, "_mpcft_meta_shapes", False):
+        return
+
+    def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):  # noqa: ANN001, ANN202
+        generator = TTPClient.get().get_generator(device=device)
+        a = generate_random_ring_element(size0, generator=generator, device=device)
+        b = generate_random_ring_element(size1, generator=generator, device=device)
+        if comm.get().get_rank() == 0:
+            c = TTPClient.get().ttp_request("additive", device, size0, size1, op, *args, **kwargs)
+        else:
+            size = getattr(torch, op)(a.to("meta"), b.to("meta"), *args, **kwargs).size()
+            c = generate_random_ring_element(size, generator=generator, device=device)
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+
+    TrustedThirdParty.generate_additive_triple = generate_additive_triple
+    TrustedThirdParty._mpcft_meta_shapes = True
+
+
+def _namespace(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return types.SimpleNamespace(**{k: _namespace(v) for k, v in tree.items()})
+    return tree
+
+
 def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     """Join the job as computing party `ep.rank`; returns the initialised crypten module.
 
@@ -146,6 +244,7 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     _check_endpoint(ep, dealer=False)
     crypten = import_crypten()
     _configure(crypten, ep)
+    _triples_without_dummy_products()
     _register_autograd_functions(crypten)
     with _process_groups(ep.timeout_s, store):
         crypten.init()
@@ -225,3 +324,62 @@ def _register_autograd_functions(crypten: types.ModuleType) -> None:
             cls.name = name
             FUNCTION_REGISTRY[name] = cls
             _REGISTERED.add(name)
+
+
+@contextlib.contextmanager
+def emulate_latency(seconds_per_round: float) -> Iterator[list[tuple[str, int, float]]]:
+    """BENCHMARK EMULATION, not a network feature: sleep `seconds_per_round` once per round.
+
+    A "round" is exactly what CrypTen counts as one: one call of a communicator method decorated
+    with CrypTen's `_logging` (send, recv, all_reduce, broadcast, send_obj, recv_obj, ...; see
+    crypten/communicator/communicator.py). While the block runs, every such call in this process
+    first sleeps `seconds_per_round`, then runs unchanged; CrypTen's own statistics are not
+    touched. It stands in for network latency where the kernel cannot add delay (no netem): it
+    adds a fixed wait per call, not per message, packet or byte, so it knows nothing of how many
+    messages gloo exchanges inside one call, of TCP slow start, or of overlap with a late peer.
+
+    Yields a list filled during the block with one (method name, bytes, seconds) per round, in
+    order: bytes as CrypTen counts them (what the call added to its `comm_bytes`: needs
+    `cfg.communicator.verbose`, which `init_party` turns on), seconds spent in the call after the
+    delay. With 0 it only records. Patches the communicator class of this process (CrypTen's
+    global state) and restores it on exit; nested blocks add their delays up.
+    """
+    if seconds_per_round < 0:
+        raise ValueError(f"negative delay {seconds_per_round}")
+    import time
+
+    import_crypten()
+    from crypten.communicator.distributed_communicator import DistributedCommunicator as cls
+
+    counted = {  # the methods wrapped by CrypTen's `_logging` (or by an enclosing emulation)
+        name: method
+        for name, method in vars(cls).items()
+        if getattr(getattr(method, "__code__", None), "co_name", "") == "logging_wrapper"
+        or getattr(method, "_counted_round", False)
+    }
+    if not counted:
+        raise RuntimeError("CrypTen's communicator has no `_logging` methods: CrypTen changed?")
+    calls: list[tuple[str, int, float]] = []
+
+    def delayed(name: str, method: Any) -> Any:
+        @functools.wraps(method)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if seconds_per_round:
+                time.sleep(seconds_per_round)
+            before, start = getattr(self, "comm_bytes", 0), time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                nbytes = int(getattr(self, "comm_bytes", 0) - before)
+                calls.append((name, nbytes, time.perf_counter() - start))
+
+        call._counted_round = True  # a nested emulation wraps this one again
+        return call
+
+    for name, method in counted.items():
+        setattr(cls, name, delayed(name, method))
+    try:
+        yield calls
+    finally:
+        for name, method in counted.items():
+            setattr(cls, name, method)

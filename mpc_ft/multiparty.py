@@ -8,14 +8,17 @@ session). PartyProcesses: whole `mpc-ft party` processes, started the way separa
 them (tests of deployment, failures and the handshake).
 
 Every computing party joins a fresh loopback rendezvous with explicit rank and world size; with the
-TTP provider a dealer process serves triples. A party's exception comes back with its traceback;
-if any party fails or the deadline passes, all processes are killed and `MultipartyError` names
-each failed rank. Results must be picklable (they cross a process boundary back to the parent,
-never between parties).
+TTP provider a dealer process serves triples. With `hosts`, each process first moves into its own
+network namespace (tests/netns.py makes them) and talks over that namespace's interface instead;
+with `latency_s`, each computing party runs `fn` under `compat.emulate_latency` (benchmarks).
+A party's exception comes back with its traceback; if any party fails or the deadline passes, all
+processes are killed and `MultipartyError` names each failed rank. Results must be picklable
+(they cross a process boundary back to the parent, never between parties).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
@@ -46,11 +49,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CLONE_NEWNET = 0x40000000  # from <sched.h>
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread into network namespace `name` (as made by `ip netns add`).
+
+    Python 3.11 has no os.setns. Only the calling thread moves; threads it starts afterwards
+    (gloo's) inherit the namespace, so call this first thing in a fresh process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/var/run/netns/{name}") as ns:
+        if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns into network namespace {name!r}: {os.strerror(errno)}")
+
+
 def _party_main(
-    ep: compat.PartyEndpoint, fn: Callable[..., Any], args: tuple, out: mp.Queue
+    ep: compat.PartyEndpoint,
+    fn: Callable[..., Any],
+    args: tuple,
+    out: mp.Queue,
+    netns: str | None = None,
+    latency_s: float = 0.0,
 ) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        if netns is not None:
+            enter_netns(netns)  # first: gloo's sockets and threads must all live there
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
 
         torch.set_num_threads(1)
@@ -60,7 +85,11 @@ def _party_main(
             return
         compat.init_party(ep)
         try:
-            result = fn(ep.rank, *args)
+            if latency_s:
+                with compat.emulate_latency(latency_s):
+                    result = fn(ep.rank, *args)
+            else:
+                result = fn(ep.rank, *args)
         finally:
             compat.shutdown()
         # plain pickle: torch's queue pickler would pass tensors as shared memory that dies with us
@@ -77,10 +106,20 @@ def run_multiparty(
     precision_bits: int = 0,
     timeout_s: float = 300.0,
     args: tuple = (),
+    hosts: dict[int, tuple[str, str, str]] | None = None,
+    latency_s: float = 0.0,
 ) -> list[Any]:
-    """fn(rank, *args) on `parties` computing parties (+ the dealer); returns results by rank."""
-    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    """fn(rank, *args) on `parties` computing parties (+ the dealer); returns results by rank.
+
+    hosts: rank -> (network namespace, its address, its interface) for every process, the
+    dealer's rank (== parties) included; gloo binds to that interface and the rendezvous is on
+    rank 0's address. latency_s: each computing party (not the dealer) sleeps this long per
+    CrypTen round while `fn` runs (compat.emulate_latency, a benchmark emulation)."""
     ranks = list(range(parties + (1 if provider == "TTP" else 0)))
+    if hosts is not None and set(hosts) != set(ranks):
+        raise ValueError(f"hosts must name exactly ranks {ranks}, got {sorted(hosts)}")
+    address = "127.0.0.1" if hosts is None else hosts[0][1]
+    rendezvous = f"tcp://{address}:{free_port()}"
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     procs = {}
@@ -92,8 +131,12 @@ def run_multiparty(
             provider=provider,
             precision_bits=precision_bits or auto_precision_bits(parties),
             timeout_s=min(timeout_s, 120.0),
+            socket_ifname=None if hosts is None else hosts[rank][2],
         )
-        procs[rank] = ctx.Process(target=_party_main, args=(ep, fn, args, out), daemon=True)
+        netns = None if hosts is None else hosts[rank][0]
+        procs[rank] = ctx.Process(
+            target=_party_main, args=(ep, fn, args, out, netns, latency_s), daemon=True
+        )
         procs[rank].start()
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}

@@ -56,9 +56,11 @@ def _new_tag() -> tuple[str, str]:
     return f"mf{pid:04x}{rnd:04x}", f"10.{(pid ^ rnd) % 256}.{rnd >> 8}"
 
 
-def _shape(namespace: str, device: str, rate: str) -> None:
-    # tbf: burst must hold at least one MTU-sized packet; latency bounds the queue length.
-    _run(f"tc -n {namespace} qdisc add dev {device} root tbf rate {rate} burst 32kb latency 50ms")
+def _shape(namespace: str, device: str, rate: str, burst: str = "32kb") -> None:
+    # tbf: burst must hold at least one MTU-sized packet (and ~1 ms of `rate` to reach it: 32kb
+    # gives ~50-75% of 1gbit, 128kb ~95%); latency bounds the queue length.
+    tbf = f"tbf rate {rate} burst {burst} latency 50ms"
+    _run(f"tc -n {namespace} qdisc add dev {device} root {tbf}")
 
 
 @functools.cache
@@ -90,13 +92,20 @@ def require_netns() -> None:
 
 @contextlib.contextmanager
 def isolated_hosts(
-    names: list[str], *, shaped: str | None = None, rate: str = "20mbit"
+    names: list[str],
+    *,
+    shaped: str | list[str] | None = None,
+    rate: str = "20mbit",
+    burst: str = "32kb",
 ) -> Iterator[dict[str, Host]]:
-    """Hosts `names` in fresh namespaces on one bridge; `shaped`'s link is limited to `rate`."""
+    """Hosts `names` in fresh namespaces on one bridge; the link of `shaped` (one host or a list)
+    is limited to `rate` in each direction (tbf with bucket `burst`)."""
     if len(set(names)) != len(names) or not all(re.fullmatch(r"\w+", n, re.ASCII) for n in names):
         raise ValueError(f"host names must be unique words: {names}")
-    if shaped is not None and shaped not in names:
-        raise ValueError(f"shaped host {shaped!r} is not one of {names}")
+    shaped = [shaped] if isinstance(shaped, str) else list(shaped or [])
+    for name in shaped:
+        if name not in names:
+            raise ValueError(f"shaped host {name!r} is not one of {names}")
     if len(names) > 250:
         raise ValueError("at most 250 hosts fit in a /24")
     tag, subnet = _new_tag()
@@ -117,9 +126,9 @@ def isolated_hosts(
             _run(f"ip -n {bridge_ns} link set {port} master {BRIDGE} up")
             _run(f"ip -n {ns} addr add {host.address}/24 dev {INTERFACE}")
             _run(f"ip -n {ns} link set {INTERFACE} up")
-            if name == shaped:
-                _shape(ns, INTERFACE, rate)  # host -> bridge
-                _shape(bridge_ns, port, rate)  # bridge -> host
+            if name in shaped:
+                _shape(ns, INTERFACE, rate, burst)  # host -> bridge
+                _shape(bridge_ns, port, rate, burst)  # bridge -> host
             hosts[name] = host
         yield hosts
     finally:

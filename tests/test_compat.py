@@ -99,3 +99,78 @@ def test_without_crypten_the_cli_gives_a_one_line_hint_and_heads_still_load():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "CrypTen is not installed" in lines[0]
+
+
+def _opens_with_latency(rank, n, delay):
+    import crypten
+    from crypten.communicator.distributed_communicator import DistributedCommunicator as comm_cls
+
+    x = crypten.cryptensor(torch.ones(10))
+
+    def opens():
+        start = time.perf_counter()
+        for _ in range(n):
+            x.get_plain_text()  # one all_reduce: one CrypTen round
+        return time.perf_counter() - start
+
+    plain = min(opens() for _ in range(3))
+    original = comm_cls.all_reduce
+    compat.reset_communication_stats()
+    with compat.emulate_latency(delay) as calls:
+        delayed = opens()
+    rounds = compat.communication_stats()["rounds"]
+    return plain, delayed, rounds, calls, comm_cls.all_reduce is original
+
+
+def test_emulated_latency_is_added_once_per_round_and_removed_after():
+    from mpc_ft.multiparty import run_multiparty
+
+    n, delay = 10, 0.1
+    for plain, delayed, rounds, calls, restored in run_multiparty(
+        _opens_with_latency, parties=2, args=(n, delay)
+    ):
+        assert rounds == n and [c[:2] for c in calls] == [("all_reduce", 2 * 10 * 8)] * n
+        assert delayed >= n * delay  # every round slept
+        assert delayed - plain >= 0.9 * n * delay  # ... and the sleeps were not hidden
+        assert delayed - plain < 1.9 * n * delay  # once per round, not twice or per message
+        assert restored
+    with pytest.raises(ValueError, match="negative"), compat.emulate_latency(-1):
+        pass
+
+
+def test_fast_config_reads_overrides_and_sets_like_crypten():
+    """Patch 5: same values as CrypTen's OmegaConf tree; overrides set and restore."""
+    from omegaconf import OmegaConf
+
+    crypten = compat.import_crypten()
+    compat._fast_config(crypten)
+    cfg = crypten.cfg
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    fresh = type(cfg)()  # CrypTen's defaults, read through the patched class
+    tree = OmegaConf.to_container(object.__getattribute__(fresh, "config"))
+    for dotted, value in leaves(tree):
+        assert fresh[dotted] == value, dotted
+    before = cfg.functions.reciprocal_nr_iters
+    with cfg.temp_override({"functions.reciprocal_nr_iters": 3, "encoder.precision_bits": 12}):
+        assert (cfg.functions.reciprocal_nr_iters, cfg.encoder.precision_bits) == (3, 12)
+        with cfg.temp_override({"functions.reciprocal_nr_iters": 4}):
+            assert cfg.functions.reciprocal_nr_iters == 4
+        assert cfg.functions.reciprocal_nr_iters == 3
+    assert cfg.functions.reciprocal_nr_iters == before
+    provider = cfg.mpc.provider
+    try:
+        cfg.mpc.provider = "TFP"
+        assert cfg["mpc.provider"] == "TFP"
+        cfg["mpc.provider"] = "TTP"
+        assert cfg.mpc.provider == "TTP"
+    finally:
+        cfg.mpc.provider = provider
+    with pytest.raises(AttributeError):
+        cfg.functions.no_such_setting  # noqa: B018

@@ -148,3 +148,24 @@ def test_hosts_are_unreachable_from_outside_the_bridge() -> None:
             assert _send(bob, alice, 10)["reply"] == "10"  # while a member gets through
         finally:
             subprocess.run(["ip", "netns", "delete", outsider.namespace], check=True)
+
+
+def test_several_hosts_can_be_shaped_with_a_chosen_burst() -> None:
+    require_netns()
+
+    def qdisc(namespace: str, device: str) -> str:
+        argv = ["tc", "-n", namespace, "qdisc", "show", "dev", device]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    names = ["a", "b", "c"]
+    with isolated_hosts(names, shaped=["a", "c"], rate="100mbit", burst="8kb") as hosts:
+        bridge = hosts["a"].namespace.rsplit("-", 1)[0] + "-br"
+        for i, name in enumerate(names):
+            links = [qdisc(hosts[name].namespace, hosts[name].interface), qdisc(bridge, f"veth{i}")]
+            for link in links:  # both directions of a shaped host's link, neither of b's
+                assert ("tbf" in link and "rate 100Mbit" in link and "burst 8Kb" in link) == (
+                    name != "b"
+                ), link
+    with pytest.raises(ValueError, match="'d' is not one of"):
+        with isolated_hosts(names, shaped=["a", "d"]):
+            pass

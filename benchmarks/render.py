@@ -89,10 +89,11 @@ def reference_section(rows: list[dict]) -> list[str]:
     if gaps:
         out += ["", "Loss before each training step, MPC vs the plaintext twin (same initial "
                 "weights and batch):", ""]  # fmt: skip
-        out += _table(["parties", "MPC loss", "plaintext loss", "largest gap"],
+        out += _table(["parties", "MPC loss", "plaintext loss", "largest gap", "wild values"],
                       [[str(r["parties"]), ", ".join(f"{x:.4f}" for x in r["loss_mpc"]),
                         ", ".join(f"{x:.4f}" for x in r["loss_plaintext"]),
-                        f"{max(r['loss_gap']):.1e}"] for r in gaps])  # fmt: skip
+                        f"{max(r['loss_gap']):.1e}", str(r.get("outliers", 0))]
+                       for r in gaps])  # fmt: skip
     return out + [""]
 
 
@@ -120,7 +121,8 @@ def component_section(rows: list[dict], plots: Path, base: Path) -> list[str]:
         lines.append([f"{r['parties']}p", r["component"], r["phase"], _s(r["seconds"]["median"]),
                       _plain(r), _ratio(r), _mib(r["bytes_per_party"]),
                       _rounds(r["rounds_per_party"]), ratio,
-                      f"{share.get('seconds', 0):.0%} time, {share.get('bytes', 0):.0%} bytes"
+                      f"{share.get('seconds', 0):.0%} time, {share.get('bytes', 0):.0%} bytes, "
+                      f"{share.get('rounds', 0):.0%} rounds"
                       if r["phase"] == "forward" else ""])  # fmt: skip
     out += _table(["", "component", "phase", "MPC", "plaintext", "ratio", "MiB per party",
                    "rounds per party", "measured / bound", "share of step (fwd+bwd, x count)"],

@@ -75,14 +75,17 @@ def head_run(inputs: dict[str, Any], ops: Any, timer: Any, *, d_model: int, head
 # --- components, at their shapes inside the step ---------------------------------------------
 
 COMPONENTS = ("linear", "attention_matmul", "masked_softmax", "layer_norm", "gelu",
-              "masked_mean", "cross_entropy")  # fmt: skip
+              "masked_mean", "cross_entropy", "quad_attention", "quad_activation",
+              "center")  # fmt: skip
+NATIVE_REPLACES = {"quad_attention": "masked_softmax", "quad_activation": "gelu",
+                   "center": "layer_norm"}  # fmt: skip
 
 
 # How often each component runs in one step of `blocks` blocks (forward; backward alike).
 def occurrences(component: str, blocks: int) -> int:
     return {"linear": 4 * blocks + 1, "attention_matmul": 2 * blocks, "masked_softmax": blocks,
             "layer_norm": 2 * blocks, "gelu": blocks, "masked_mean": 1,
-            "cross_entropy": 1}[component]  # fmt: skip
+            "cross_entropy": 1}[NATIVE_REPLACES.get(component, component)]  # fmt: skip
 
 
 def component_shapes(component: str, *, batch: int, tokens: int, d_model: int, heads: int,
@@ -92,8 +95,11 @@ def component_shapes(component: str, *, batch: int, tokens: int, d_model: int, h
         "linear": {"x": (B, T, D), "w": (D, 3 * D), "b": (3 * D,), "g": (B, T, 3 * D)},
         "attention_matmul": {"a": (B, H, T, D // H), "b": (B, H, D // H, T), "g": (B, H, T, T)},
         "masked_softmax": {"x": (B, H, T, T), "g": (B, H, T, T)},
+        "quad_attention": {"x": (B, H, T, T), "g": (B, H, T, T)},
         "layer_norm": {"x": (B, T, D), "w": (D,), "b": (D,), "g": (B, T, D)},
+        "center": {"x": (B, T, D), "w": (D,), "b": (D,), "g": (B, T, D)},
         "gelu": {"x": (B, T, ffn), "g": (B, T, ffn)},
+        "quad_activation": {"x": (B, T, ffn), "g": (B, T, ffn)},
         "masked_mean": {"x": (B, T, D), "g": (B, D)},
         "cross_entropy": {"x": (B, classes)},
     }[component]
@@ -104,8 +110,8 @@ def component_build(*, component: str, **config: Any) -> dict[str, torch.Tensor]
     shapes = component_shapes(component, **config)
     inputs = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     data = _data(config["batch"], config["tokens"], 1, config["classes"])
-    inputs["mask"], inputs["y"] = data["mask"], data["y"]
-    if component == "layer_norm":
+    inputs["mask"], inputs["y"], inputs["inv_count"] = data["mask"], data["y"], data["inv_count"]
+    if component in ("layer_norm", "center"):
         inputs["w"] = 1 + 0.1 * inputs["w"]
     return inputs
 
@@ -122,14 +128,22 @@ def component_run(inputs: dict[str, Any], ops: Any, timer: Any, *, component: st
             out = x.matmul(ops.leaf(inputs["b"]))
         elif component == "masked_softmax":
             out = ops.masked_softmax(x, mask.reshape(B, 1, 1, T))
+        elif component == "quad_attention":
+            out = ops.quad_attention(x, mask.reshape(B, 1, 1, T), inputs["inv_count"])
+        elif component == "quad_activation":
+            out = ops.quad_activation(x)
+        elif component == "center":
+            out = ops.center(x, ops.leaf(inputs["w"]), ops.leaf(inputs["b"]), 1e-5)
         elif component == "layer_norm":
             out = ops.layer_norm(x, ops.leaf(inputs["w"]), ops.leaf(inputs["b"]), 1e-5)
         elif component == "gelu":
             out = ops.gelu(x)
         elif component == "masked_mean":
             out = ops.masked_mean(x, mask, inputs["inv_count"])
-        else:  # the training step's: the gradient of the loss, no loss value (train.py)
+        elif component == "cross_entropy":  # the step's: the loss gradient, no loss (train.py)
             out = ops.cross_entropy_backward(x, inputs["y"])
+        else:
+            raise ValueError(f"unknown component {component!r}")
     with timer("backward"):
         if component != "cross_entropy":
             out.backward(inputs["g"])

@@ -21,9 +21,12 @@ filled tuple cache (`crypten.fill_cache`) party 0's dealer calls happen at fill 
 
 Each function returns the communication CrypTen's protocol needs, given the shapes: a lower
 bound of the measured count, and exactly it (tests/test_cost_model.py, 2 and 3 parties) for
-CrypTen's default config, no tuple cache, and tensors of `ndim` dimensions (the components:
-the 2-D shapes they name, 3-D h for masked_mean). More dimensions add 8 B to party 0 per dealer
-call; precision above 16 bits adds B2A bits to argmax's random tie-break (`precision_bits`).
+CrypTen's default config, no tuple cache, and tensors of `ndim` dimensions (each function's
+`ndim` argument; the components default to the shapes they name). Only party 0's bytes depend
+on ndim: 8 B per dimension of every tuple it fetches. Precision above 16 bits adds B2A bits to
+argmax's random tie-break (`precision_bits`). The components are the forward passes of
+mpc_ft/ops.py (MpcOps) with every input secret-shared, as the head and the benchmarks run them;
+autograd does not change a forward's communication, and the backward pass is not modelled.
 """
 
 from __future__ import annotations
@@ -106,10 +109,12 @@ def mul(numel: int, parties: int, *, y_numel: int | None = None, ndim: int = 1) 
     return _beaver(numel, y, numel, ndim) + public_mul(numel, parties, ndim=ndim)
 
 
-def matmul(m: int, k: int, n: int, parties: int, batch: int = 1) -> Cost:
+def matmul(m: int, k: int, n: int, parties: int, batch: int = 1, *, ndim: int | None = None
+           ) -> Cost:  # fmt: skip
     """[batch,m,k] @ [batch,k,n] secret: Beaver triple, one opening of both masked operands,
-    truncation of the batch*m*n outputs. batch=1 means 2-D operands, otherwise 3-D."""
-    ndim = 2 if batch == 1 else 3
+    truncation of the batch*m*n outputs. `ndim` of the product: by default 2 for batch=1,
+    otherwise 3 (the batch dims flattened; e.g. 4 for [B,H,T,hs] @ [B,H,hs,T])."""
+    ndim = (2 if batch == 1 else 3) if ndim is None else ndim
     out = batch * m * n
     return _beaver(batch * m * k, batch * k * n, out, ndim) + public_mul(out, parties, ndim=ndim)
 
@@ -270,52 +275,132 @@ def tanh(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     return sigmoid(numel, parties, ndim=ndim)
 
 
+# --- mpc_ft/ops.py's own primitives ---------------------------------------------------------------
+
+
+def reciprocal_steps(lo: float, hi: float, tol: float = 1e-5) -> int:
+    """Newton steps of ops.reciprocal_in_range over [lo, hi] (the formula of its body, copied:
+    ops computes it inline; tests/test_cost_model.py checks the copy against the function)."""
+    r = (hi - lo) / (hi + lo)
+    return max(1, math.ceil(math.log2(math.log(tol) / math.log(r)))) if r > 0 else 1
+
+
+def reciprocal_in_range(numel: int, parties: int, lo: float, hi: float, *, tol: float = 1e-5,
+                        ndim: int = 1) -> Cost:  # fmt: skip
+    """ops.reciprocal_in_range: the first Newton step from the public start is a public
+    multiply, each further one 2 products (x * y, then y * (2 - x y))."""
+    steps = reciprocal_steps(lo, hi, tol)
+    return public_mul(numel, parties, ndim=ndim) + (steps - 1) * 2 * mul(numel, parties, ndim=ndim)
+
+
+def row_max(rows: int, cols: int, parties: int, *, ndim: int = 2) -> Cost:
+    """ops.row_max on [rows, cols]: a halving tree, max(a, b) = b + relu(a - b) on the
+    cols // 2 pairs of each level (an odd last column joins the next level by a local cat),
+    ceil(log2 cols) levels."""
+    cost, n = Cost(), cols
+    while n > 1:
+        cost += relu(rows * (n // 2), parties, ndim=ndim)
+        n -= n // 2
+    return cost
+
+
 # --- the head's components, as written in mpc_ft/ops.py (forward pass only) -----------------------
 
 
-def linear(rows: int, d_in: int, d_out: int, parties: int) -> Cost:
-    """x [rows, d_in] @ secret weight [d_in, d_out] + bias: one matmul (the add is local)."""
-    return matmul(rows, d_in, d_out, parties)
+def linear(rows: int, d_in: int, d_out: int, parties: int, *, ndim: int = 2) -> Cost:
+    """x [rows, d_in] @ secret weight [d_in, d_out] + bias: one matmul (the add is local).
+    ndim: of x (3 for [B,T,D]: rows = B*T)."""
+    return matmul(rows, d_in, d_out, parties, ndim=ndim)
 
 
-def layer_norm(rows: int, d: int, parties: int) -> Cost:
+def layer_norm(rows: int, d: int, parties: int, *, ndim: int = 2) -> Cost:
     """mpcft_normalize on [rows, d] then * gamma + beta: 2 means (public divisions of [rows]),
     square, inv_sqrt per row, centred * r (r broadcasts) and * gamma (secret [d])."""
     n = rows * d
-    return (2 * public_mul(rows, parties, ndim=2) + square(n, parties, ndim=2)
-            + inv_sqrt(rows, parties, ndim=2) + mul(n, parties, y_numel=rows, ndim=2)
-            + mul(n, parties, y_numel=d, ndim=2))  # fmt: skip
+    return (2 * public_mul(rows, parties, ndim=ndim) + square(n, parties, ndim=ndim)
+            + inv_sqrt(rows, parties, ndim=ndim) + mul(n, parties, y_numel=rows, ndim=ndim)
+            + mul(n, parties, y_numel=d, ndim=ndim))  # fmt: skip
 
 
-def gelu(numel: int, parties: int) -> Cost:
+def center(rows: int, d: int, parties: int, *, ndim: int = 2) -> Cost:
+    """TorchOps.center on [rows, d] (the MPC-native head's norm): the mean (a public division
+    of [rows]), then (x - mean) * gamma (secret [d]); + beta is local."""
+    return public_mul(rows, parties, ndim=ndim) + mul(rows * d, parties, y_numel=d, ndim=ndim)
+
+
+def gelu(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     """Tanh form, as MpcOps.gelu: x^2, x * x^2, three public multiplies, tanh, x * (1 + tanh)."""
-    return (square(numel, parties) + 2 * mul(numel, parties) + 3 * public_mul(numel, parties)
-            + tanh(numel, parties))  # fmt: skip
+    return (square(numel, parties, ndim=ndim) + 2 * mul(numel, parties, ndim=ndim)
+            + 3 * public_mul(numel, parties, ndim=ndim)
+            + tanh(numel, parties, ndim=ndim))  # fmt: skip
 
 
-def masked_softmax(rows: int, cols: int, parties: int, *, mask_rows: int = 1) -> Cost:
-    """mpcft_masked_softmax on [rows, cols], mask broadcasting from [mask_rows, cols]: row max,
-    exp, * mask, reciprocal (all positive) of the row sums, * that reciprocal."""
-    n = rows * cols
-    return (max_(rows, cols, parties) + exp(n, parties, ndim=2)
-            + mul(n, parties, y_numel=mask_rows * cols, ndim=2)
-            + reciprocal(rows, parties, all_pos=True, ndim=2)
-            + mul(n, parties, y_numel=rows, ndim=2))  # fmt: skip
+def quad_activation(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """TorchOps.quad_activation, 0.125 x^2 + 0.25 x + 0.5: a square, two public multiplies."""
+    return square(numel, parties, ndim=ndim) + 2 * public_mul(numel, parties, ndim=ndim)
 
 
-def masked_mean(b: int, t: int, d: int, parties: int) -> Cost:
-    """MpcOps.masked_mean, h [b,t,d], mask [b,t]: reciprocal (all positive) of the b counts,
-    h * mask (mask broadcasts over d), the [b,d] sums times the reciprocal."""
-    return (reciprocal(b, parties, all_pos=True, ndim=2)
-            + mul(b * t * d, parties, y_numel=b * t, ndim=3)
+def masked_softmax(rows: int, cols: int, parties: int, *, mask_rows: int = 1, ndim: int = 2
+                   ) -> Cost:  # fmt: skip
+    """mpcft_masked_softmax on [rows, cols], secret mask broadcasting from [mask_rows, cols]
+    (the head: scores [B,H,T,T] and mask [B,1,1,T] are rows = B*H*T, mask_rows = B, ndim=4):
+    (mask - 1) * 1024 (public multiply of the mask), row_max, exp, * mask, the ranged
+    reciprocal of the row sums over [1, cols], * that reciprocal."""
+    n, m = rows * cols, mask_rows * cols
+    return (public_mul(m, parties, ndim=ndim) + row_max(rows, cols, parties, ndim=ndim)
+            + exp(n, parties, ndim=ndim) + mul(n, parties, y_numel=m, ndim=ndim)
+            + reciprocal_in_range(rows, parties, 1.0, float(cols), ndim=ndim)
+            + mul(n, parties, y_numel=rows, ndim=ndim))  # fmt: skip
+
+
+def quad_attention(b: int, heads: int, t: int, parties: int) -> Cost:
+    """TorchOps.quad_attention with inv_count given: scores [b,heads,t,t], secret mask
+    [b,1,1,t] and inv_count [b,1]: inv_count / c^2 (public multiply of b), (s + c)^2,
+    mask * that (b*t products) and the squares times it (all 4-D)."""
+    n = b * heads * t * t
+    return (public_mul(b, parties, ndim=4) + square(n, parties, ndim=4)
+            + mul(b * t, parties, y_numel=b, ndim=4)
+            + mul(n, parties, y_numel=b * t, ndim=4))  # fmt: skip
+
+
+def inverse_count(b: int, t: int, parties: int) -> Cost:
+    """MpcOps.inverse_count of a secret mask [b, t]: the ranged reciprocal of the b counts over
+    [1, t]. (Data owners normally share 1 / count instead: then it is free.)"""
+    return reciprocal_in_range(b, parties, 1.0, float(t), ndim=2)
+
+
+def masked_mean(b: int, t: int, d: int, parties: int, *, inv_count: bool = True) -> Cost:
+    """TorchOps.masked_mean, h [b,t,d], secret mask [b,t]: h * mask (mask broadcasts over d),
+    the [b,d] sums times inv_count [b,1]. inv_count=True: it is given (shared by the data
+    owners, as the head runs); False: computed first by MpcOps.inverse_count."""
+    cost = (mul(b * t * d, parties, y_numel=b * t, ndim=3)
             + mul(b * d, parties, y_numel=b, ndim=2))  # fmt: skip
+    return cost if inv_count else inverse_count(b, t, parties) + cost
+
+
+def _softmax_rows(b: int, c: int, parties: int) -> Cost:
+    """Shared by both cross-entropies on logits [b, c]: row_max, exp, the ranged reciprocal of
+    the b row sums over [1, c] and e times it (the probabilities)."""
+    n = b * c
+    return (row_max(b, c, parties) + exp(n, parties, ndim=2)
+            + reciprocal_in_range(b, parties, 1.0, float(c), ndim=2)
+            + mul(n, parties, y_numel=b, ndim=2))  # fmt: skip
 
 
 def cross_entropy(b: int, c: int, parties: int) -> Cost:
-    """mpcft_cross_entropy on logits [b, c]: row max, exp, reciprocal (all positive) and
-    e * 1/sum, log of the b sums, onehot * logits, and the batch mean (a public division)."""
-    n = b * c
-    return (max_(b, c, parties) + exp(n, parties, ndim=2)
-            + reciprocal(b, parties, all_pos=True, ndim=2) + mul(n, parties, y_numel=b, ndim=2)
-            + log(b, parties, ndim=2) + mul(n, parties, ndim=2)
+    """mpcft_cross_entropy on logits [b, c], secret one-hot labels: the probabilities
+    (`_softmax_rows`), log of the b row sums, onehot * logits, and the batch mean (a public
+    division of one element)."""
+    return (_softmax_rows(b, c, parties) + log(b, parties, ndim=2) + mul(b * c, parties, ndim=2)
             + public_mul(1, parties, ndim=0))  # fmt: skip
+
+
+def cross_entropy_backward(b: int, c: int, parties: int) -> Cost:
+    """MpcOps.cross_entropy_backward on logits [b, c], secret one-hot labels, EXCLUDING the
+    autograd backward that its `logits.backward(grad)` triggers (the tests measure it on logits
+    that do not require grad, where that call does nothing; on a leaf, as in the component
+    benchmark, it only stores the gradient: no communication either): the probabilities
+    (`_softmax_rows`), onehot * logits, and (p - onehot) / b (a public multiply). No log."""
+    n = b * c
+    return (_softmax_rows(b, c, parties) + mul(n, parties, ndim=2)
+            + public_mul(n, parties, ndim=2))  # fmt: skip

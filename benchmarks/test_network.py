@@ -116,7 +116,7 @@ def _party(rank: int, params: dict, data: train.Dataset, steps: int) -> dict[str
 
     ops = MpcOps(crypten)
     shared = {k: ops.leaf(crypten.cryptensor(v, src=1)) for k, v in params.items()}
-    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in (data.x, data.mask, data.y)))
+    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in vars(data).values()))
     seconds, calls = [], []
     compat.reset_communication_stats()
     before = _interface_bytes()

@@ -31,37 +31,28 @@ SGD = TrainConfig(epochs=1, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.
 VARIANTS = ["exact", "native"]
 
 
+PHASES = {"train": ("step", "forward", "backward", "update"), "inference": ("inference",)}
+
+
+@pytest.mark.parametrize("mode", sorted(PHASES))
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("parties", [2, 3])
-def test_reference_training_step(benchmark, parties, variant):
-    config = REFERENCE | {"mode": "train", "native": variant == "native"}
+def test_reference_head(benchmark, parties, variant, mode):
+    config = REFERENCE | {"mode": mode, "native": variant == "native"}
     result = benchmark.pedantic(measure, args=(head_build, head_run, config),
                                 kwargs={"parties": parties, "repeats": pick(1, 5)},
                                 rounds=1, iterations=1)  # fmt: skip
-    for phase in ("step", "forward", "backward", "update"):
+    for phase in PHASES[mode]:
         row = write_phase_row(f"reference/{variant}/mpc{parties}/{phase}", result, phase,
                               group="reference", config=config, parties=parties,
                               variant=variant)  # fmt: skip
         assert row["bytes_per_party"][0] > 0 or phase == "update"
-    benchmark.extra_info["seconds_per_step"] = result.mpc["step"].seconds
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("parties", [2, 3])
-def test_reference_inference_forward(benchmark, parties, variant):
-    config = REFERENCE | {"mode": "inference", "native": variant == "native"}
-    result = benchmark.pedantic(measure, args=(head_build, head_run, config),
-                                kwargs={"parties": parties, "repeats": pick(1, 5)},
-                                rounds=1, iterations=1)  # fmt: skip
-    write_phase_row(f"reference/{variant}/mpc{parties}/inference", result, "inference",
-                    group="reference", config=config, parties=parties,
-                    variant=variant)  # fmt: skip
 
 
 def reference_batch() -> tuple[dict[str, torch.Tensor], train.Dataset]:
     inputs = head_build(**REFERENCE)
     params = {k[2:]: v for k, v in inputs.items() if k.startswith("p.")}
-    return params, train.Dataset(inputs["x"], inputs["mask"], inputs["y"])
+    return params, train.Dataset(inputs["x"], inputs["mask"], inputs["y"], inputs["inv_count"])
 
 
 def step(params, data, ops):
@@ -70,7 +61,7 @@ def step(params, data, ops):
     Not re-leafed: under CrypTen, detaching again a leaf that sgd_step made under no_grad gave
     parameters that never received a gradient (seen here; train.train never does that)."""
     return train.train_step(params, {}, data.x, data.mask, data.y, head=HEAD, train_cfg=SGD,
-                            ops=ops)[0]  # fmt: skip
+                            ops=ops, inv_count=data.inv_count)[0]  # fmt: skip
 
 
 def _losses_party(rank, params, data, steps):
@@ -78,7 +69,7 @@ def _losses_party(rank, params, data, steps):
 
     ops = MpcOps(crypten)
     shared = {k: ops.leaf(crypten.cryptensor(v, src=0)) for k, v in params.items()}
-    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in (data.x, data.mask, data.y)))
+    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in vars(data).values()))
     losses = []
     for _ in range(steps):
         with crypten.no_grad():

@@ -289,13 +289,7 @@ class PrivateConfig:
 
 def load_private(path: str | Path) -> PrivateConfig:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such private party file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise BadInput(f"{path}: not a readable TOML file ({e})") from None
-    private = _build(PrivateConfig, data, str(path))
+    private = _build(PrivateConfig, _read_toml(path, "private party file"), str(path))
     paths = {k: v for k, v in dataclasses.asdict(private).items() if k != "interface"}
     resolve = {k: str(path.parent / v) for k, v in paths.items()
                if v and v != "default" and not Path(v).is_absolute()}  # fmt: skip
@@ -308,13 +302,16 @@ def load_private(path: str | Path) -> PrivateConfig:
 def load_job(path: str | Path) -> JobConfig:
     """Read a job file; BadInput (one line, naming the file) for anything wrong in it."""
     path = Path(path)
+    return job_from_dict(_read_toml(path, "job file"), where=str(path))
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BadInput(f"{path}: no such job file") from None
+        raise BadInput(f"{path}: no such {what}") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise BadInput(f"{path}: not a readable TOML job file ({e})") from None
-    return job_from_dict(data, where=str(path))
+        raise BadInput(f"{path}: not a readable TOML {what} ({e})") from None
 
 
 def job_from_dict(data: dict[str, Any], where: str = "job") -> JobConfig:

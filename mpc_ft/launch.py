@@ -46,7 +46,7 @@ class DemoOptions:
     max_tokens: int = 32
     layer: int | None = None  # None: 4 for the packaged MiniLM (measured best), else the last
     seed: int = 0
-    head: str = "exact"  # or "native": the MPC-native head (config.NATIVE_HEAD)
+    head: str = "native"  # the MPC-native head (config.NATIVE_HEAD), or "exact"
     cache_dir: Path | None = None
     progress: bool = True
 

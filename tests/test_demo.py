@@ -34,6 +34,7 @@ def _demo(tmp_path: Path, *args: str) -> dict:
 def test_default_demo_tiny(tmp_path):
     report = _demo(tmp_path, "--train-size", "40", "--test-size", "20")
     assert report["dataset"] == "rotten_tomatoes"
+    assert report["head"]["attention"] == "quad"  # the demo's default: the MPC-native head
     assert [p["name"] for p in report["parties"]] == ["alice", "bob", "dealer"]
     assert (report["train_examples"], report["test_examples"], report["steps"]) == (40, 20, 2)
     assert abs(report["loss_mpc"][0] - report["loss_plaintext"][0]) < 0.02
@@ -46,7 +47,7 @@ def test_default_demo_tiny(tmp_path):
     ]
 
 
-def test_own_csv_with_three_classes_a_decoder_backbone_and_the_native_head(tmp_path):
+def test_own_csv_with_three_classes_a_decoder_backbone_and_the_exact_head(tmp_path):
     backbone = _save_llama(tmp_path / "llama", {"unk_token": "<unk>", "eos_token": "</s>"})
     rows = [(" ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 5)), f"c{i % 3}")
             for i in range(36)]  # fmt: skip
@@ -55,12 +56,12 @@ def test_own_csv_with_three_classes_a_decoder_backbone_and_the_native_head(tmp_p
             csv.writer(f).writerows([("text", "label"), *part])
     report = _demo(tmp_path, "--dataset", str(tmp_path / "train.csv"), "--test-dataset",
                    str(tmp_path / "test.csv"), "--backbone", str(backbone), "--data-owners", "3",
-                   "--max-tokens", "8", "--head", "native")  # fmt: skip
+                   "--max-tokens", "8", "--head", "exact")  # fmt: skip
     assert report["num_classes"] == 3 and report["labels"] == ["c0", "c1", "c2"]
     assert [p["name"] for p in report["parties"]][:3] == ["alice", "bob", "carol"]
-    assert report["head"]["attention"] == "quad" and report["head"]["norm"] == "center"
+    assert report["head"]["attention"] == "softmax" and report["head"]["norm"] == "layernorm"
     assert abs(report["loss_mpc"][0] - report["loss_plaintext"][0]) < 0.02
     head = HeadModule.load(tmp_path / "run" / "head")  # plain torch, no CrypTen involved
-    assert head.head.activation == "quad"
+    assert head.head.activation == "gelu"
     logits = head(torch.randn(5, 8, 32), torch.ones(5, 8))
     assert logits.shape == (5, 3) and head.labels == ["c0", "c1", "c2"]

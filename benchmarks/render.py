@@ -105,8 +105,9 @@ def component_section(rows: list[dict], plots: Path, base: Path) -> list[str]:
            "Each component alone at its shape in the step, forward and backward. Share of the "
            "step: the component's forward+backward time (bytes) times the number of times it "
            "runs in a step, over the step's, measured in the same run; the rest of the step is "
-           "glue (reshapes, residual adds, the update). Bound: the cost model's lower bound for "
-           "the forward pass (mpc_ft/cost_model.py); measured / bound for the last party.",
+           "glue (reshapes, residual adds, the update). Model: the cost model's count for the "
+           "forward pass (mpc_ft/cost_model.py; the communication CrypTen's protocol needs at "
+           "these shapes, tested equal to its counters); measured / model for the last party.",
            ""]  # fmt: skip
     lines = []
     for r in sorted(comp, key=lambda r: (r["parties"], r["component"], r["phase"])):
@@ -125,7 +126,7 @@ def component_section(rows: list[dict], plots: Path, base: Path) -> list[str]:
                       f"{share.get('rounds', 0):.0%} rounds"
                       if r["phase"] == "forward" else ""])  # fmt: skip
     out += _table(["", "component", "phase", "MPC", "plaintext", "ratio", "MiB per party",
-                   "rounds per party", "measured / bound", "share of step (fwd+bwd, x count)"],
+                   "rounds per party", "measured / model", "share of step (fwd+bwd, x count)"],
                   lines)  # fmt: skip
     path = _plot_components(comp, plots)
     if path:

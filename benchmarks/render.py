@@ -85,7 +85,19 @@ def reference_section(rows: list[dict]) -> list[str]:
             "comparison with the `step` rows above:", ""]  # fmt: skip
     out += _table(["system", "s per step", "MiB per party", "rounds per party"],
                   [[n, f"{s:.2f}", f"{m}", f"~{r}"] for n, s, m, r in PEERS])  # fmt: skip
-    gaps = [r for r in rows if r["group"] == "accuracy"]
+    wild = [r for r in rows if r["group"] == "accuracy" and "wild" in r]
+    if wild:
+        out += [
+            "",
+            "Forward passes of the exact head whose logits are off by more than 1.0 "
+            "(a known defect with 3 computing parties, not yet traced to an operation):",
+            "",
+        ]
+        out += _table(["parties", "wild forwards", "largest error of the others"],
+                      [[str(r["parties"]), f"{r['wild']} of {r['forwards']}",
+                        f"{max([e for e in r['forward_errors'] if e <= 1.0] or [0]):.1e}"]
+                       for r in wild])  # fmt: skip
+    gaps = [r for r in rows if r["group"] == "accuracy" and "loss_gap" in r]
     if gaps:
         out += ["", "Loss before each training step, MPC vs the plaintext twin (same initial "
                 "weights and batch):", ""]  # fmt: skip

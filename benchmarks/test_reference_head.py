@@ -105,3 +105,31 @@ def test_reference_loss_after_5_steps(parties):
     # Broken arithmetic, not a precision target. A rare single wild value (seen once in ~10
     # runs with 3 parties: 4e6 instead of 0.68) is recorded in the row, not failed on.
     assert sorted(gaps)[len(gaps) // 2] < 0.5, gaps
+
+
+def _forwards_party(rank, params, data, n):
+    import crypten
+
+    ops = MpcOps(crypten)
+    shared = {k: crypten.cryptensor(v, src=0) for k, v in params.items()}
+    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in vars(data).values()))
+    with crypten.no_grad():
+        return [head_def.forward(shared, sdata.x, sdata.mask, HEAD, ops, sdata.inv_count)
+                .get_plain_text() for _ in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_reference_forward_wild_values(parties):
+    """How often one forward pass of the exact reference head gives wild logits (a known
+    defect with 3 computing parties: about 1 in 5 here, also before this revision's changes)."""
+    params, data = reference_batch()
+    n = pick(4, 20)
+    logits = run_multiparty(_forwards_party, parties=parties, args=(params, data, n))[0]
+    with torch.no_grad():
+        plain = head_def.forward(params, data.x, data.mask, HEAD, TorchOps, data.inv_count)
+    errors = [(got - plain).abs().max().item() for got in logits]
+    wild = sum(e > 1.0 for e in errors)
+    write_row(f"reference/mpc{parties}/wild_forwards", group="accuracy", parties=parties,
+              config=REFERENCE | {"forwards": n}, seconds=None, forward_errors=errors,
+              wild=wild, forwards=n)  # fmt: skip
+    assert wild <= n // 2, errors  # most forwards must be right; the rate is in the row

@@ -66,7 +66,7 @@ from typing import Any
 import pytest
 
 from benchmarks.rows import write_row
-from benchmarks.test_reference_head import reference_batch, step
+from benchmarks.test_reference_head import reference_batch, share_reference, step
 from mpc_ft import train
 from mpc_ft.multiparty import run_multiparty
 from mpc_ft.ops import MpcOps
@@ -115,8 +115,8 @@ def _party(rank: int, params: dict, data: train.Dataset, steps: int) -> dict[str
     from mpc_ft import compat
 
     ops = MpcOps(crypten)
-    shared = {k: ops.leaf(crypten.cryptensor(v, src=1)) for k, v in params.items()}
-    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in vars(data).values()))
+    shared, sdata = share_reference(crypten, params, data, params_src=1)
+    shared = {k: ops.leaf(v) for k, v in shared.items()}
     seconds, calls = [], []
     compat.reset_communication_stats()
     before = _interface_bytes()

@@ -55,6 +55,12 @@ def reference_batch() -> tuple[dict[str, torch.Tensor], train.Dataset]:
     return params, train.Dataset(inputs["x"], inputs["mask"], inputs["y"], inputs["inv_count"])
 
 
+def share_reference(crypten, params, data, params_src=0):
+    """The reference batch's parameters (from params_src) and data (from party 0), shared."""
+    shared = {k: crypten.cryptensor(v, src=params_src) for k, v in params.items()}
+    return shared, train.Dataset(*(crypten.cryptensor(t, src=0) for t in vars(data).values()))
+
+
 def step(params, data, ops):
     """One SGD step of the reference head on leaf parameters; returns the new leaves.
 
@@ -68,8 +74,8 @@ def _losses_party(rank, params, data, steps):
     import crypten
 
     ops = MpcOps(crypten)
-    shared = {k: ops.leaf(crypten.cryptensor(v, src=0)) for k, v in params.items()}
-    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in vars(data).values()))
+    shared, sdata = share_reference(crypten, params, data)
+    shared = {k: ops.leaf(v) for k, v in shared.items()}
     losses = []
     for _ in range(steps):
         with crypten.no_grad():
@@ -111,8 +117,7 @@ def _forwards_party(rank, params, data, n):
     import crypten
 
     ops = MpcOps(crypten)
-    shared = {k: crypten.cryptensor(v, src=0) for k, v in params.items()}
-    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in vars(data).values()))
+    shared, sdata = share_reference(crypten, params, data)
     with crypten.no_grad():
         return [head_def.forward(shared, sdata.x, sdata.mask, HEAD, ops, sdata.inv_count)
                 .get_plain_text() for _ in range(n)]  # fmt: skip

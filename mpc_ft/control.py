@@ -42,12 +42,6 @@ SETTLE_S = 3.0  # after a gloo error: a peer whose heartbeat stalls this long is
 LINGER_S = 5.0  # the store's host waits this long for the others' reports before it leaves
 
 
-def _store_error() -> tuple[type[BaseException], ...]:
-    import torch.distributed as dist
-
-    return (RuntimeError, dist.DistError) if hasattr(dist, "DistError") else (RuntimeError,)
-
-
 class ControlPlane:
     """One process's connection to the job's store. Ranks are the job file's, by party name."""
 
@@ -75,7 +69,7 @@ class ControlPlane:
         try:
             self.store = dist.TCPStore(rdv.host, rdv.port, None, hosting, timeout,
                                        wait_for_workers=False)  # fmt: skip
-        except _store_error() as e:
+        except RuntimeError as e:  # torch's DistError and its kin
             if hosting:
                 raise BadInput(f"party {self.name!r} cannot host the rendezvous on port "
                                f"{rdv.port}: {_first_line(e)} (is this party already running, "
@@ -92,7 +86,7 @@ class ControlPlane:
     def put(self, key: str, value: bytes) -> None:
         try:
             self._board.set(key, value)
-        except _store_error() as e:
+        except RuntimeError as e:  # torch's DistError and its kin
             raise self._lost_host(e) from None
 
     def gather(self, prefix: str, what: str) -> dict[int, bytes]:
@@ -124,7 +118,7 @@ class ControlPlane:
                     log.info("waiting for %s (%s)", who, what)
                     announced = time.monotonic()
                 time.sleep(0.2)
-        except _store_error() as e:
+        except RuntimeError as e:  # torch's DistError and its kin
             raise self._lost_host(e) from None
 
     def _lost_host(self, error: BaseException) -> PeerFailure:
@@ -153,7 +147,7 @@ class ControlPlane:
             while not self._stop.is_set():
                 self._beat(board)
                 self._stop.wait(BEAT_S)
-        except _store_error() as e:
+        except RuntimeError as e:  # torch's DistError and its kin
             if not self._stop.is_set():
                 self.die(str(self._lost_host(e)), blame=[self.host_name])
 

@@ -279,8 +279,8 @@ def tanh(numel: int, parties: int, *, ndim: int = 1) -> Cost:
 
 
 def reciprocal_steps(lo: float, hi: float, tol: float = 1e-5) -> int:
-    """Newton steps of ops.reciprocal_in_range over [lo, hi] (the formula of its body, copied:
-    ops computes it inline; tests/test_cost_model.py checks the copy against the function)."""
+    """Newton steps of ops.reciprocal_in_range over [lo, hi] to reach relative error `tol`: the
+    error starts within +-r = (hi - lo) / (hi + lo) and squares at every step (ops uses this)."""
     r = (hi - lo) / (hi + lo)
     return max(1, math.ceil(math.log2(math.log(tol) / math.log(r)))) if r > 0 else 1
 

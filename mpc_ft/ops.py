@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from mpc_ft.cost_model import reciprocal_steps
+
 GELU_K = math.sqrt(2.0 / math.pi)
 QUAD_C = 5.0  # 2Quad's shift (MPCFormer)
 
@@ -175,10 +177,7 @@ class MpcOps(TorchOps):
         epoch, so its log runs once per epoch over every example (`loss_sum`)."""
         with self.crypten.no_grad():
             values = logits.detach()
-            shift = row_max(values)
-            e = (values - shift).exp()
-            total = e.sum(-1, keepdim=True)  # in [1, C]: the max term is exp(0)
-            p = e * reciprocal_in_range(total, 1.0, float(values.size(-1)))
+            shift, total, p = softmax_parts(values)
             offset = shift - (onehot * values).sum(-1, keepdim=True)
             grad = (p - onehot) * (1.0 / values.size(0))
         logits.backward(grad)
@@ -220,8 +219,7 @@ def reciprocal_in_range(x: Any, lo: float, hi: float, tol: float = 1e-5) -> Any:
     error 1 - x y starts within +-(hi - lo) / (hi + lo) and squares at every step. The first
     step from a public start is local (y1 = 2 y0 - y0^2 x); each further one is 2 products.
     CrypTen's reciprocal spends an exp on its start and 10 steps to cover any range."""
-    r = (hi - lo) / (hi + lo)
-    steps = max(1, math.ceil(math.log2(math.log(tol) / math.log(r)))) if r > 0 else 1
+    steps = reciprocal_steps(lo, hi, tol)
     y0 = 2.0 / (lo + hi)
     y = x * (-y0 * y0) + 2 * y0
     for _ in range(steps - 1):
@@ -247,6 +245,15 @@ def row_max(x: Any) -> Any:
             top = crypten.cat([top, x.narrow(-1, n - 1, 1)], dim=-1)
         x = top
     return x
+
+
+def softmax_parts(logits: Any) -> tuple[Any, Any, Any]:
+    """Row max, row sum of exp(logits - max) (in [1, C]: the max term is exp(0)) and softmax,
+    for the cross-entropy's loss and gradient (shares, no gradient recorded)."""
+    shift = row_max(logits)
+    e = (logits - shift).exp()
+    total = e.sum(-1, keepdim=True)
+    return shift, total, e * reciprocal_in_range(total, 1.0, float(logits.size(-1)))
 
 
 @cache
@@ -290,10 +297,7 @@ def mpc_autograd_functions() -> dict[str, type]:
     class CrossEntropy(AutogradFunction):
         @staticmethod
         def forward(ctx: Any, logits: Any, onehot: Any) -> Any:
-            shift = row_max(logits)
-            e = (logits - shift).exp()
-            total = e.sum(-1, keepdim=True)  # in [1, C]
-            p = e * reciprocal_in_range(total, 1.0, float(logits.size(-1)))
+            shift, total, p = softmax_parts(logits)
             logsumexp = total.log() + shift
             loss = (logsumexp - (onehot * logits).sum(-1, keepdim=True)).mean()
             ctx.mark_non_differentiable(onehot)

@@ -82,8 +82,8 @@ class _Secret:
 
 @pytest.mark.parametrize(("lo", "hi"), [(1, 2), (1, 5), (1, 32), (1, 512), (0.5, 0.5001)])
 def test_reciprocal_steps_is_the_formula_of_ops(lo, hi):
-    # cm.reciprocal_steps copies the step count that ops.reciprocal_in_range computes inline:
-    # run the function on a stand-in that records its products (first step: x * public)
+    # ops.reciprocal_in_range takes its step count from cm.reciprocal_steps: run it on a
+    # stand-in that records its products (first step: x * public) to check the cost it models
     from mpc_ft.ops import reciprocal_in_range
 
     log: list[str] = []

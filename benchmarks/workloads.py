@@ -69,7 +69,7 @@ def head_run(inputs: dict[str, Any], ops: Any, timer: Any, *, d_model: int, head
         with timer("backward"):
             ops.cross_entropy_backward(logits, y)
         with timer("update"):
-            train.sgd_step(params, {}, sgd, ops)
+            train.sgd_step(params, {}, sgd, ops, rows=x.size(0))
 
 
 # --- components, at their shapes inside the step ---------------------------------------------

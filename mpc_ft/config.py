@@ -97,10 +97,11 @@ class TrainConfig:
 class MpcConfig:
     provider: str = "TTP"
     allow_insecure_provider: bool = False  # must be true to use TFP
-    # 0 = by party count, as measured: 2 parties use 16 bits (their truncation is local and fails
-    # with probability ~|x| 2^(2 bits - 64) per element, so 20 bits corrupts a step every few
-    # steps); 3+ parties use 20 bits (16 puts some gradients 14-44% off; their truncation is exact).
-    precision_bits: int = 0
+    # Fractional bits of the fixed point. CrypTen's truncation of a product fails (a wild value)
+    # with probability ~|x| 2^(2 bits - 64) per element for any number of parties (2: local
+    # shares; 3+: the dealer's wrap count ignores the x + r wrap), measured: 20 bits gave wild
+    # logits in ~1 of 5 steps of the reference head, 16 bits none.
+    precision_bits: int = 16
     # tcp://host:port on the first computing party's host, which serves it; or env:// under
     # torchrun (MASTER_ADDR, MASTER_PORT). Every wait is bounded by timeout_s; a peer silent
     # for peer_timeout_s (no heartbeat) has failed, and every other party exits 3.
@@ -167,7 +168,7 @@ class JobConfig:
     @property
     def precision_bits(self) -> int:
         """Fractional bits of CrypTen's fixed point for this job (see MpcConfig.precision_bits)."""
-        return self.mpc.precision_bits or auto_precision_bits(len(self.compute_parties))
+        return self.mpc.precision_bits
 
     @property
     def num_classes(self) -> int:
@@ -194,10 +195,6 @@ class JobConfig:
                 value = dataclasses.replace(current, **value)
             changes[key] = value
         return dataclasses.replace(self, **changes)
-
-
-def auto_precision_bits(compute_parties: int) -> int:
-    return 16 if compute_parties == 2 else 20
 
 
 def _validate(job: JobConfig) -> None:
@@ -253,8 +250,8 @@ def _validate(job: JobConfig) -> None:
     if bad:
         raise BadInput(f"{where}: {', '.join(bad)} must be positive")
     _check_rendezvous(job)
-    if job.mpc.precision_bits and not 8 <= job.mpc.precision_bits <= 24:
-        raise BadInput(f"{where}: mpc.precision_bits must be 0 (auto) or in [8, 24]")
+    if not 8 <= job.mpc.precision_bits <= 24:
+        raise BadInput(f"{where}: mpc.precision_bits must be in [8, 24]")
 
 
 def _check_rendezvous(job: JobConfig) -> None:

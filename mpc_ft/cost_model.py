@@ -400,7 +400,6 @@ def cross_entropy_backward(b: int, c: int, parties: int) -> Cost:
     autograd backward that its `logits.backward(grad)` triggers (the tests measure it on logits
     that do not require grad, where that call does nothing; on a leaf, as in the component
     benchmark, it only stores the gradient: no communication either): the probabilities
-    (`_softmax_rows`), onehot * logits, and (p - onehot) / b (a public multiply). No log."""
-    n = b * c
-    return (_softmax_rows(b, c, parties) + mul(n, parties, ndim=2)
-            + public_mul(n, parties, ndim=2))  # fmt: skip
+    (`_softmax_rows`), onehot * logits and p - onehot (the summed loss's gradient: no
+    multiply). No log."""
+    return _softmax_rows(b, c, parties) + mul(b * c, parties, ndim=2)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mpc_ft import compat
-from mpc_ft.config import auto_precision_bits
+from mpc_ft.config import MpcConfig
 
 
 class MultipartyError(RuntimeError):
@@ -103,7 +103,7 @@ def run_multiparty(
     *,
     parties: int = 2,
     provider: str = "TTP",
-    precision_bits: int = 0,
+    precision_bits: int = MpcConfig.precision_bits,
     timeout_s: float = 300.0,
     args: tuple = (),
     hosts: dict[int, tuple[str, str, str]] | None = None,
@@ -129,7 +129,7 @@ def run_multiparty(
             world_size=parties,
             rendezvous=rendezvous,
             provider=provider,
-            precision_bits=precision_bits or auto_precision_bits(parties),
+            precision_bits=precision_bits,
             timeout_s=min(timeout_s, 120.0),
             socket_ifname=None if hosts is None else hosts[rank][2],
         )

@@ -1,10 +1,10 @@
 """One training loop for both backends: the plaintext twin (TorchOps) and MPC on shares (MpcOps).
 
-Per step: take the batch's rows (a public, seeded order), forward, the cross-entropy gradient,
-backward, SGD with momentum and weight decay. Per epoch: the summed loss and the number of
-correct predictions are computed once over all the epoch's logits (one log, one argmax: in MPC
-their rounds are paid per epoch, not per step) and revealed once, as aggregates, through
-`reveal_scalars`.
+Per step: take the batch's rows (a public, seeded order), forward, the gradient of the batch's
+summed cross-entropy, backward, SGD on its mean with momentum and weight decay. Per epoch: the
+summed loss and the number of correct predictions are computed once over all the epoch's logits
+(one log, one argmax: in MPC their rounds are paid per epoch, not per step) and revealed once,
+as aggregates, through `reveal_scalars`.
 """
 
 from __future__ import annotations
@@ -63,18 +63,24 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Te
 
 
 def sgd_step(
-    params: dict[str, Any], velocity: dict[str, Any], train: TrainConfig, ops: Any
+    params: dict[str, Any], velocity: dict[str, Any], train: TrainConfig, ops: Any, rows: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """v = momentum * v + g + wd * p; p = p - lr * v (torch.optim.SGD's convention)."""
+    """torch.optim.SGD on the batch-mean gradient: v = momentum * v + g + wd * p; p -= lr * v.
+
+    `p.grad` is the gradient of the batch's summed loss over `rows` examples (see
+    cross_entropy_backward); the mean's 1/rows is folded into the public constant lr/rows, so
+    the gradient is multiplied (and, under MPC, truncated) once. The velocity is kept times lr:
+    u = momentum * u + lr * (g + wd * p); p -= u (the same update for a constant lr)."""
     new_params, new_velocity = {}, {}
     with ops.no_grad():
         for name, p in params.items():
-            g = p.grad
+            u = p.grad * (train.lr / rows)
             if train.weight_decay:
-                g = g + p.detach() * train.weight_decay
-            v = g if name not in velocity else velocity[name] * train.momentum + g
-            new_velocity[name] = v
-            new_params[name] = ops.leaf(p.detach() - v * train.lr)
+                u = u + p.detach() * (train.lr * train.weight_decay)
+            if train.momentum and name in velocity:
+                u = velocity[name] * train.momentum + u
+            new_velocity[name] = u
+            new_params[name] = ops.leaf(p.detach() - u)
     return new_params, new_velocity
 
 
@@ -94,7 +100,7 @@ def train_step(
     velocity, the (detached) logits and the loss terms for the epoch's metrics."""
     logits = head_def.forward(params, x, mask, head, ops, inv_count)
     terms = ops.cross_entropy_backward(logits, y)
-    params, velocity = sgd_step(params, velocity, train_cfg, ops)
+    params, velocity = sgd_step(params, velocity, train_cfg, ops, rows=x.size(0))
     return params, velocity, logits.detach(), terms
 
 

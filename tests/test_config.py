@@ -239,7 +239,7 @@ def test_rank_of_an_unknown_party_names_the_known_ones() -> None:
     assert "\n" not in str(info.value)
 
 
-def test_precision_bits_auto_by_party_count_and_explicit_wins() -> None:
+def test_precision_bits_16_for_any_party_count_and_explicit_wins() -> None:
     assert _job().precision_bits == 16
     three = _roles(
         ("alice", ("data_owner",)),
@@ -247,9 +247,8 @@ def test_precision_bits_auto_by_party_count_and_explicit_wins() -> None:
         ("carol", ("data_owner",)),
         ("dealer", ("dealer",)),
     )
-    assert _job(parties=three).precision_bits == 20
+    assert _job(parties=three).precision_bits == 16
     assert _job(mpc={"precision_bits": 20}).precision_bits == 20
-    assert _job(parties=three, mpc={"precision_bits": 16}).precision_bits == 16
 
 
 # ---------------------------------------------------------------- the demo's parties

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpc_ft import cost_model as cm
-from mpc_ft.config import auto_precision_bits
+from mpc_ft.config import MpcConfig
 from mpc_ft.multiparty import run_multiparty
 
 # Party 0's fixed price of one dealer call (3 counted calls): the request dict, the returned
@@ -320,7 +320,7 @@ CASES = [(p, name) for p, names in SESSIONS.items() for name in names]
 @pytest.mark.parametrize(("parties", "name"), CASES, ids=[f"{p}p-{n}" for p, n in CASES])
 def test_model_against_crypten(measured, parties, name):
     # exact: measured / model == 1 for bytes and rounds, on every party
-    want = model(parties, auto_precision_bits(parties))[name]
+    want = model(parties, MpcConfig.precision_bits)[name]
     for rank, per_party in enumerate(measured[parties]):
         assert per_party[name] == want.party(rank), rank
 

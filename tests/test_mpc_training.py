@@ -95,3 +95,26 @@ def test_sharing_from_several_owners_reconstructs_exactly():
             for i, f in enumerate(("x", "mask", "y")):
                 expected = torch.cat([getattr(o, f) for o in owners])
                 torch.testing.assert_close(rank_result[part][i], expected, atol=1e-4, rtol=0)
+
+
+def test_twin_training_equals_torch_optim_sgd_on_the_batch_mean_loss():
+    """sgd_step folds the mean's 1/B into lr and keeps the velocity times lr: the twin's
+    parameters must still follow torch.optim.SGD on the mean cross-entropy, last short batch
+    included (20 rows, batches of 8)."""
+    data = _data(n=20)
+    params = head_def.init_params(HEAD, 24, 2, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=0.01, seed=3)
+    twin, _ = train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
+                          reveal_scalars=train.plaintext_reveal)  # fmt: skip
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.SGD(ref.values(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)  # fmt: skip
+    for epoch in range(cfg.epochs):
+        for index in train.batch_order(len(data), cfg.batch_size, cfg.seed, epoch):
+            opt.zero_grad()
+            logits = head_def.forward(ref, data.x[index], data.mask[index], HEAD, TorchOps)
+            loss = torch.nn.functional.cross_entropy(logits, data.y[index].argmax(-1))
+            loss.backward()
+            opt.step()
+    for name in ref:
+        torch.testing.assert_close(twin[name], ref[name].detach(), atol=1e-6, rtol=1e-5)

@@ -6,6 +6,7 @@
                 [--separate-model-owner]
     mpc-ft party --job JOB.toml --party NAME [--private FILE] [--data FILE] [--test-data FILE]
                  [--token-file FILE] [--backbone DIR] [--interface IFACE] [--out DIR]
+                 [--resume]
     mpc-ft sample-data --owners alice,bob [--out DIR] [--train-size N] [--test-size N]
     mpc-ft token [--out FILE]          # a fresh job token, shared by every party of one job
     mpc-ft rank --job JOB.toml --party NAME    # the party's rank (torchrun's --node-rank)
@@ -79,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     party.add_argument("--out", type=Path, help="output directory (default runs/party)")
     party.add_argument("--cache", type=Path, help="feature cache (default OUT/cache)")
     party.add_argument("--progress", action="store_true")
+    party.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint every party holds (all parties)",
+    )
 
     sample = sub.add_parser("sample-data", help="the demo's data, one shard per data owner")
     sample.add_argument("--owners", required=True, help="comma-separated data owner names")
@@ -149,6 +155,7 @@ def _party(args: argparse.Namespace) -> None:
         token=handshake.read_token(Path(token_file) if token_file else None),
         backbone=pick(args.backbone, "backbone"),
         interface=pick(args.interface, "interface"),
+        resume=args.resume,
     )
     run(job, args.party, files)
 

@@ -91,6 +91,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0  # batch order and the model owner's initial head
+    # every N steps each computing party saves its shares (checkpoint.py); 0: never
+    checkpoint_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,8 @@ def _validate(job: JobConfig) -> None:
     bad = [k for k, v in positive.items() if not v > 0]
     if bad:
         raise BadInput(f"{where}: {', '.join(bad)} must be positive")
+    if job.train.checkpoint_every < 0:
+        raise BadInput(f"{where}: train.checkpoint_every must be 0 (off) or a number of steps")
     _check_rendezvous(job)
     if not 8 <= job.mpc.precision_bits <= 24:
         raise BadInput(f"{where}: mpc.precision_bits must be in [8, 24]")

@@ -86,6 +86,8 @@ class Hello:
     train: int = 0
     test: int = 0
     nonce: str = ""
+    resume: bool = False
+    checkpoints: tuple[int, ...] = ()  # steps this computing party holds (checkpoint.py)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -96,6 +98,7 @@ class Hello:
             data = json.loads(raw)
             if set(data) != {f.name for f in fields(cls)}:
                 raise ValueError("unexpected keys")
+            data["checkpoints"] = tuple(data["checkpoints"])
             return cls(**data)
         except (ValueError, TypeError, UnicodeDecodeError):
             raise BadInput(f"handshake: party {sender!r} sent a malformed hello "
@@ -104,7 +107,8 @@ class Hello:
 
 # Fields every process must agree on, and fields the data owners must agree on.
 FIELDS_ALL = {"fingerprint": "job fingerprint", "mpc_ft": "mpc-ft version",
-              "crypten": "CrypTen version", "torch": "torch version"}  # fmt: skip
+              "crypten": "CrypTen version", "torch": "torch version",
+              "resume": "--resume"}  # fmt: skip
 FIELDS_OWNERS = {"backbone": "backbone identity", "tokens": "tokens per example",
                  "width": "feature width"}  # fmt: skip
 
@@ -157,8 +161,31 @@ def _short(value: object) -> str:
     return text[:12] + "..." if len(text) > 16 else text
 
 
-def validate(hellos: list[Hello], owners: set[str], max_tokens: int) -> None:
-    """Stop (BadInput) on any mismatch, or a data owner with nothing to train on."""
+def resume_step(hellos: list[Hello], computing: set[str]) -> int:
+    """The step to continue from: the newest checkpoint every computing party holds (0: start
+    afresh, without --resume). BadInput when --resume finds no common step, and when a party
+    holds checkpoints of this job but --resume was not given (never silently start over)."""
+    held = {h.name: set(h.checkpoints) for h in hellos if h.name in computing}
+    listing = "; ".join(f"{n!r}: {', '.join(map(str, sorted(s))) or 'none'}"
+                        for n, s in held.items())  # fmt: skip
+    if not hellos[0].resume:
+        holders = [n for n, s in held.items() if s]
+        if holders:
+            raise BadInput(f"party {', '.join(map(repr, holders))} holds checkpoints of this job "
+                           f"({listing}): pass --resume to every party to continue, or move "
+                           "the checkpoints away to start over")  # fmt: skip
+        return 0
+    common = set.intersection(*held.values())
+    if not common:
+        raise BadInput(f"--resume: no checkpoint step is held by every computing party "
+                       f"({listing})")  # fmt: skip
+    return max(common)
+
+
+def validate(hellos: list[Hello], owners: set[str], max_tokens: int,
+             computing: set[str] | None = None) -> None:  # fmt: skip
+    """Stop (BadInput) on any mismatch, a data owner with nothing to train on, or checkpoints
+    that do not allow the run asked for (resume_step)."""
     problems = mismatches(hellos, owners)
     for h in hellos:
         if h.name in owners and h.train < 1:
@@ -168,6 +195,8 @@ def validate(hellos: list[Hello], owners: set[str], max_tokens: int) -> None:
                             f"says backbone.max_tokens = {max_tokens}")  # fmt: skip
     if problems:
         raise BadInput("handshake failed: " + "; ".join(problems))
+    if computing:
+        resume_step(hellos, computing)
 
 
 def exchange(ctl: Any, job: JobConfig, hello: Hello, token: bytes) -> dict[int, Hello]:
@@ -185,7 +214,7 @@ def exchange(ctl: Any, job: JobConfig, hello: Hello, token: bytes) -> dict[int, 
             raise BadInput(f"handshake: the job file places other parties at the rank of "
                            f"{', '.join(wrong)}")  # fmt: skip
         validate(list(hellos.values()), {p.name for p in job.data_owners},
-                 job.backbone.max_tokens)  # fmt: skip
+                 job.backbone.max_tokens, {p.name for p in job.compute_parties})  # fmt: skip
     except BadInput:
         ctl.put(f"verdict/{ctl.rank}", b"fail")
         ctl.wait_for_verdicts()

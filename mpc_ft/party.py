@@ -10,7 +10,9 @@ Steps for every process (computing party or dealer):
    backbone identity and feature shapes. Any mismatch: every process exits 2.
 4. Start the heartbeat watch; build CrypTen's gloo process group on the same store.
 5. Share data (each owner) and the initial head (the model owner) (sharing.py).
-6. Train on shares; reveal per-epoch aggregates; evaluate (only the accuracy is revealed).
+6. Train on shares (every train.checkpoint_every steps, save this party's shares; with
+   --resume, continue from the newest step every party holds: checkpoint.py); reveal
+   per-epoch aggregates; evaluate (only the accuracy is revealed).
 7. Reveal the trained head to the model owner alone, who saves it as a plain torch module.
 The dealer only serves Beaver triples (compat.run_dealer) and leaves when the job ends or fails.
 Each process writes `<out>/parties/<name>.json` (what it learned, its communication) and
@@ -50,6 +52,7 @@ class PartyFiles:
     token: bytes = field(default=b"", repr=False)
     backbone: str | None = None  # this host's copy of the job's backbone (checked by identity)
     interface: str | None = None  # the interface gloo binds (default: the one with our host)
+    resume: bool = False  # continue from the newest checkpoint that every party holds
 
 
 def setup_logging(out_dir: Path, name: str) -> Path:
@@ -204,7 +207,13 @@ def my_hello(
             tokens=train.x.size(1), width=train.x.size(2), train=len(train),
             test=len(local["test"]) if "test" in local else 0,
         )  # fmt: skip
+    held = ()
+    if "dealer" not in job.party(name).roles:
+        from mpc_ft import checkpoint
+
+        held = tuple(checkpoint.steps(job, files.out_dir, name))
     return handshake.Hello(name=name, fingerprint=job.fingerprint(), nonce=os.urandom(32).hex(),
+                           resume=files.resume, checkpoints=held,
                            **handshake.local_versions(), **shape)  # fmt: skip
 
 
@@ -217,8 +226,8 @@ def _compute(
     ctl: ControlPlane,
     ep: compat.PartyEndpoint,
 ) -> dict[str, Any]:
+    from mpc_ft import checkpoint, sharing, train
     from mpc_ft import head as head_def
-    from mpc_ft import sharing, train
     from mpc_ft.ops import MpcOps
 
     party = job.party(name)
@@ -237,6 +246,18 @@ def _compute(
 
     revealer = sharing.Revealer(job, rank)
     ops = MpcOps(crypten)
+    resume = None
+    step = handshake.resume_step(everyone, {p.name for p in job.compute_parties})
+    if step:
+        resume = checkpoint.load(job, files.out_dir, name, step, crypten, ops)
+        log.info("resuming from checkpoint step %d (held by every party)", step)
+
+    def save(state: train.TrainState) -> None:
+        every = job.train.checkpoint_every
+        if every and state.step % every == 0:
+            path = checkpoint.save(job, files.out_dir, name, state)
+            log.info("checkpoint step %d: %s", state.step, path)
+
     compat.reset_communication_stats()
     log.info("training on %d examples for %d epoch(s)", len(shared["train"]), job.train.epochs)
     t2 = time.perf_counter()
@@ -248,6 +269,8 @@ def _compute(
         ops=ops,
         reveal_scalars=revealer.scalars,
         progress=files.progress,
+        on_step=save,
+        resume=resume,
     )
     seconds_train = time.perf_counter() - t2
     stats = compat.communication_stats()

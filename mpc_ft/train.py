@@ -55,6 +55,18 @@ class History:
     steps: int = 0
 
 
+@dataclass
+class TrainState:
+    """Everything training needs to go on after `step` steps (shares under MPC): what
+    checkpoint.py saves. `seen`: this epoch's (logits, labels, offset, total) per step so far."""
+
+    params: dict[str, Any]
+    velocity: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    history: History = field(default_factory=History)
+    seen: list[tuple[Any, Any, Any, Any]] = field(default_factory=list)
+
+
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """The public, seeded batch order of one epoch (identical on every party and in the twin)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -113,43 +125,53 @@ def train(
     ops: Any,
     reveal_scalars: RevealScalars,
     progress: bool = False,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[TrainState], None] | None = None,
+    resume: TrainState | None = None,
 ) -> tuple[dict[str, Any], History]:
-    """Train for train_cfg.epochs; returns the final parameters and the revealed history."""
-    params = {k: ops.leaf(v) for k, v in params.items()}
-    velocity: dict[str, Any] = {}
-    history = History()
+    """Train for train_cfg.epochs; returns the final parameters and the revealed history.
+
+    on_step(state) runs after every step (checkpoints; after an epoch's last step, once its
+    metrics are revealed); `resume` continues from such a state (its step is the data cursor:
+    the batch order is public), ignoring `params`."""
+    state = resume or TrainState({k: ops.leaf(v) for k, v in params.items()})
+    history = state.history
     n = len(data)
-    for epoch in range(train_cfg.epochs):
+    per_epoch = -(-n // train_cfg.batch_size)
+    for epoch in range(state.step // per_epoch, train_cfg.epochs):
         start = time.perf_counter()
         batches = batch_order(n, train_cfg.batch_size, train_cfg.seed, epoch)
-        bar = tqdm(batches, desc=f"{ops.name} epoch {epoch + 1}/{train_cfg.epochs}",
-                   unit="step", disable=not progress, leave=True)  # fmt: skip
-        seen: list[tuple[Any, Any, Any, Any]] = []  # per step: logits, labels, loss terms
+        done = state.step - epoch * per_epoch  # steps of this epoch before a resume
+        bar = tqdm(batches[done:], desc=f"{ops.name} epoch {epoch + 1}/{train_cfg.epochs}",
+                   unit="step", disable=not progress, leave=True, initial=done,
+                   total=len(batches))  # fmt: skip
         for index in bar:
             x, mask, y, inv_count = data.batch(index, ops)
-            params, velocity, logits, terms = train_step(
-                params, velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
-                inv_count=inv_count,
+            state.params, state.velocity, logits, terms = train_step(
+                state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg,
+                ops=ops, inv_count=inv_count,
             )  # fmt: skip
-            seen.append((logits, y, *terms))
-            history.steps += 1
-            if on_step:
-                on_step(history.steps)
+            state.seen.append((logits, y, *terms))
+            state.step += 1
+            history.steps = state.step
+            if on_step and state.step % per_epoch:  # an epoch's last step: after its metrics
+                on_step(state)
         with ops.no_grad():  # the epoch's metrics, batched: one log and one argmax per epoch
-            logits, labels, offsets, totals = (list(column) for column in zip(*seen, strict=True))
+            logits, labels, offsets, totals = (list(c) for c in zip(*state.seen, strict=True))
             loss_sum = ops.loss_sum(offsets, totals)
             correct = ops.correct(ops.cat(logits), ops.cat(labels))
         total_loss, total_correct = reveal_scalars([loss_sum, correct], f"epoch {epoch + 1}")
+        state.seen = []
         history.loss.append(total_loss / n)
         history.accuracy.append(total_correct / n)
         history.seconds.append(time.perf_counter() - start)
+        if on_step:
+            on_step(state)
         if progress:
             tqdm.write(
                 f"{ops.name} epoch {epoch + 1}: loss {history.loss[-1]:.4f}, "
                 f"train accuracy {history.accuracy[-1]:.3f}, {history.seconds[-1]:.1f} s"
             )
-    return {k: v.detach() for k, v in params.items()}, history
+    return {k: v.detach() for k, v in state.params.items()}, history
 
 
 def evaluate(

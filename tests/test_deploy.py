@@ -47,7 +47,7 @@ def world(tmp_path_factory) -> Path:
 
 
 def write_job(path: Path, world: Path, host: str = "127.0.0.1", hosts: dict | None = None,
-              **mpc: object) -> Path:  # fmt: skip
+              train: str = "epochs = 1", **mpc: object) -> Path:  # fmt: skip
     hosts = hosts or {}
     roles = {"alice": '["data_owner"]', "bob": '["data_owner"]', "carol": '["model_owner"]',
              "dealer": '["dealer"]'}  # fmt: skip
@@ -68,8 +68,8 @@ def write_job(path: Path, world: Path, host: str = "127.0.0.1", hosts: dict | No
         max_tokens = 8
 
         [train]
-        epochs = 1
         batch_size = 16
+        {train}
 
         [mpc]
         """)
@@ -272,3 +272,43 @@ def test_the_same_command_runs_under_torchrun(world, tmp_path):
     assert {n: e.code for n, e in exits.items()} == dict.fromkeys(PARTIES, 0), _outputs(exits)
     assert "joined the rendezvous env:// as dealer (rank 3)" in exits["dealer"].output
     assert HeadModule.load(tmp_path / "carol" / "head").labels == ["fresh", "rotten"]
+
+
+def test_a_killed_party_and_its_peers_resume_and_end_where_an_uninterrupted_run_does(
+    world, tmp_path
+):
+    """2 epochs of 2 steps, a checkpoint every step; bob is killed after his step-2 checkpoint
+    (the others exit 3), a plain restart is refused (checkpoints exist), a restart with
+    --resume on every party finishes. The head and metrics match an uninterrupted run up to
+    fixed-point error (CrypTen's randomness is fresh after a restart)."""
+    settings = "epochs = 2\ncheckpoint_every = 1"
+    whole_out, out = tmp_path / "whole", tmp_path / "crashed"
+    exits = run_job(write_job(tmp_path / "whole.toml", world, train=settings),
+                    party_args(world, whole_out))  # fmt: skip
+    assert {n: e.code for n, e in exits.items()} == dict.fromkeys(PARTIES, 0), _outputs(exits)
+
+    job = write_job(tmp_path / "job.toml", world, train=settings, peer_timeout_s=20.0)
+    args = party_args(world, out)
+    with PartyProcesses(job, args, env={}) as run:
+        run.wait_for_line("bob", "checkpoint step 2", timeout_s=180)
+        run.kill("bob")
+        exits = run.wait(timeout_s=90)
+    _assert_all_exit({n: e for n, e in exits.items() if n != "bob"}, 3, "'bob'")
+    assert not (out / "carol" / "head").exists()
+
+    again = run_job(job, args, timeout_s=60)  # without --resume: refused, nothing overwritten
+    _assert_all_exit(again, 2, "holds checkpoints of this job", "--resume")
+    exits = run_job(job, {n: [*a, "--resume"] for n, a in args.items()})
+    assert {n: e.code for n, e in exits.items()} == dict.fromkeys(PARTIES, 0), _outputs(exits)
+    assert "resuming from checkpoint step" in exits["alice"].output
+
+    whole, resumed = (HeadModule.load(o / "carol" / "head") for o in (whole_out, out))
+    for name, value in whole.params.items():
+        err = (resumed.params[name] - value).detach().abs().max().item()
+        assert err < 5e-3, (name, err)
+    metrics = [json.loads((o / "alice" / "parties" / "alice.json").read_text())
+               for o in (whole_out, out)]  # fmt: skip
+    assert metrics[1]["steps"] == metrics[0]["steps"] == 4
+    assert abs(metrics[1]["test_accuracy"] - metrics[0]["test_accuracy"]) <= 1 / 16 + 1e-9
+    for a, b in zip(metrics[0]["loss"], metrics[1]["loss"], strict=True):
+        assert abs(a - b) < 5e-3

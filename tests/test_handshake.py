@@ -166,3 +166,46 @@ def test_interfaces_and_the_plaintext_warning():
     warning = network.plaintext_link_warning("alice", "10.0.0.1", secure_tunnel=False)
     assert warning.startswith("WARNING: party 'alice' binds 10.0.0.1")
     assert "mpc.secure_tunnel = true" in warning
+
+
+COMPUTING = {"alice", "bob", "carol"}
+
+
+@pytest.mark.parametrize(
+    ("resume", "held", "want"),
+    [
+        (False, {}, 0),  # a fresh start
+        (True, {"alice": (4, 6), "bob": (4, 6), "carol": (2, 4)}, 4),  # carol crashed before 6
+        (True, {"alice": (6,), "bob": (6,), "carol": (6,)}, 6),
+    ],
+)
+def test_resume_step_is_the_newest_step_every_computing_party_holds(resume, held, want):
+    hellos = _hellos(**{n: {"resume": resume, "checkpoints": s} for n, s in held.items()})
+    hellos = [dataclasses.replace(h, resume=resume) for h in hellos]
+    assert handshake.resume_step(hellos, COMPUTING) == want
+    handshake.validate(hellos, OWNERS, max_tokens=8, computing=COMPUTING)
+
+
+@pytest.mark.parametrize(
+    ("resume", "held", "message"),
+    [
+        (True, {}, "--resume: no checkpoint step is held by every computing party"),
+        (True, {"alice": (4,), "bob": (6,), "carol": (6,)}, "'alice': 4; 'bob': 6; 'carol': 6"),
+        (False, {"bob": (2,)}, "party 'bob' holds checkpoints of this job"),
+    ],
+)
+def test_resume_without_a_common_step_or_checkpoints_without_resume_stop(resume, held, message):
+    hellos = _hellos(**{n: {"checkpoints": s} for n, s in held.items()})
+    hellos = [dataclasses.replace(h, resume=resume) for h in hellos]
+    with pytest.raises(BadInput, match=message):
+        handshake.validate(hellos, OWNERS, max_tokens=8, computing=COMPUTING)
+
+
+def test_parties_disagreeing_on_resume_are_named():
+    problems = handshake.mismatches(_hellos(bob={"resume": True}), OWNERS)
+    assert problems == ["party 'bob' differs in --resume: True (the others: False)"]
+
+
+def test_checkpoint_steps_survive_the_hello_round_trip():
+    hello = dataclasses.replace(_hellos()[0], resume=True, checkpoints=(2, 4))
+    assert Hello.decode(hello.encode(), "alice") == hello

@@ -9,6 +9,8 @@ uniformly random ring element: a checkpoint tells whoever reads it nothing about
 - Atomic: written to a temporary file, flushed, then renamed; a crash leaves the old files.
 - The newest KEEP files are kept (a peer may crash after this party wrote step k but before
   it did; the handshake then agrees on the newest step every party has).
+- After training, every computing party also keeps its shares of the trained head
+  (`<out>/head-shares/<party>.pt`, save_head) for private inference (infer.py).
 - Not restored: CrypTen's random generators (fresh seeds at every start), so a resumed run
   matches an uninterrupted one within fixed-point error, not bit for bit.
 """
@@ -118,3 +120,35 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise BadInput(f"checkpoint {path} is not an mpc-ft checkpoint")
     return record
+
+
+def head_path(out_dir: Path, party: str) -> Path:
+    return out_dir / "head-shares" / f"{party}.pt"
+
+
+def save_head(job: JobConfig, out_dir: Path, party: str, params: dict[str, Any],
+              backbone: str) -> Path:  # fmt: skip
+    """This party's shares of the trained head, for private inference (infer.py); `backbone`:
+    the identity of the backbone the head was trained on (the handshake's)."""
+    path = head_path(out_dir, party)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"fingerprint": job.fingerprint(), "party": party, "backbone": backbone,
+              "params": {k: _share(v) for k, v in params.items()}}  # fmt: skip
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(record, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_head(job: JobConfig, out_dir: Path, party: str, crypten: Any) -> tuple[dict, str]:
+    """(this party's shares of the trained head as CrypTensors, the backbone identity)."""
+    path = head_path(out_dir, party)
+    if not path.is_file():
+        raise BadInput(f"party {party!r} has no shares of a trained head at {path} (train with "
+                       "this job and --out first)")  # fmt: skip
+    record = _read(path)
+    if record.get("fingerprint") != job.fingerprint() or record.get("party") != party:
+        raise BadInput(f"{path} holds party {record.get('party')!r}'s head of another job")
+    params = {k: crypten.mpc.MPCTensor.from_shares(v, precision=job.precision_bits)
+              for k, v in record["params"].items()}  # fmt: skip
+    return params, record["backbone"]

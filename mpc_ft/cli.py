@@ -7,6 +7,8 @@
     mpc-ft party --job JOB.toml --party NAME [--private FILE] [--data FILE] [--test-data FILE]
                  [--token-file FILE] [--backbone DIR] [--interface IFACE] [--out DIR]
                  [--resume]
+    mpc-ft infer --client NAME  (then the same options as party: every party, --data only for
+                 the client; private inference with the shares of the head trained with --out)
     mpc-ft sample-data --owners alice,bob [--out DIR] [--train-size N] [--test-size N]
     mpc-ft token [--out FILE]          # a fresh job token, shared by every party of one job
     mpc-ft rank --job JOB.toml --party NAME    # the party's rank (torchrun's --node-rank)
@@ -69,21 +71,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
 
     party = sub.add_parser("party", help="run one party of a job (one process per host)")
-    party.add_argument("--job", type=Path, required=True, help="the public job file")
-    party.add_argument("--party", required=True, help="this party's name in the job file")
-    party.add_argument("--private", type=Path, help="this party's private TOML file (below)")
-    party.add_argument("--data", type=Path, help="training data, CSV or JSONL (data owners)")
-    party.add_argument("--test-data", type=Path)
-    party.add_argument("--token-file", type=Path, help="the job token (else $MPC_FT_TOKEN)")
-    party.add_argument("--backbone", help="this host's copy of the job's backbone")
-    party.add_argument("--interface", help="network interface to bind (GLOO_SOCKET_IFNAME)")
-    party.add_argument("--out", type=Path, help="output directory (default runs/party)")
-    party.add_argument("--cache", type=Path, help="feature cache (default OUT/cache)")
-    party.add_argument("--progress", action="store_true")
-    party.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint every party holds (all parties)",
+    infer = sub.add_parser(
+        "infer",
+        help="private inference with the trained head's shares: "
+        "only --client learns its texts' labels (one process per party)",
+    )
+    for command in (party, infer):
+        command.add_argument("--job", type=Path, required=True, help="the public job file")
+        command.add_argument("--party", required=True, help="this party's name in the job file")
+        command.add_argument("--private", type=Path, help="this party's private TOML file (below)")
+        command.add_argument("--data", type=Path, help="training data, CSV or JSONL (data owners)")
+        command.add_argument("--test-data", type=Path)
+        command.add_argument("--token-file", type=Path, help="the job token (else $MPC_FT_TOKEN)")
+        command.add_argument("--backbone", help="this host's copy of the job's backbone")
+        command.add_argument("--interface", help="network interface to bind (GLOO_SOCKET_IFNAME)")
+        command.add_argument("--out", type=Path, help="output directory (default runs/party)")
+        command.add_argument("--cache", type=Path, help="feature cache (default OUT/cache)")
+        command.add_argument("--progress", action="store_true")
+        command.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the newest checkpoint every party holds (all parties)",
+        )
+    infer.add_argument(
+        "--client",
+        required=True,
+        help="the computing party that classifies its texts (gives --data)",
     )
 
     sample = sub.add_parser("sample-data", help="the demo's data, one shard per data owner")
@@ -156,6 +169,7 @@ def _party(args: argparse.Namespace) -> None:
         backbone=pick(args.backbone, "backbone"),
         interface=pick(args.interface, "interface"),
         resume=args.resume,
+        infer_client=getattr(args, "client", None),
     )
     run(job, args.party, files)
 
@@ -200,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        torch.set_num_threads(1) if args.command == "party" else None
-        commands = {"demo": _demo, "party": _party, "token": _token, "rank": _rank,
+        torch.set_num_threads(1) if args.command in ("party", "infer") else None
+        commands = {"demo": _demo, "party": _party, "infer": _party, "token": _token, "rank": _rank,
                     "sample-data": _sample_data}  # fmt: skip
         commands[args.command](args)
     except BadInput as e:

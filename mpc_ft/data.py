@@ -181,6 +181,21 @@ def read_labelled_file(path: str | Path, *, min_classes: int = 1) -> LabelledTex
     return data
 
 
+def read_texts(path: str | Path) -> LabelledTexts:
+    """Texts to classify (mpc-ft infer): a .txt file with one text per line (labels empty), or
+    a labelled CSV/TSV/JSONL file (its labels stay with the caller, e.g. to score the
+    predictions locally). Raises :class:`BadInput` on any problem."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        return read_labelled_file(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    texts = tuple(line for line in _decode(path).splitlines() if line.strip())
+    if not texts:
+        raise BadInput(f"{path}: no texts (one per line)")
+    return LabelledTexts(texts, ("",) * len(texts), str(path))
+
+
 def require_classes(data: LabelledTexts, minimum: int = 2) -> None:
     """Raise :class:`BadInput` unless ``data`` has at least ``minimum`` distinct labels."""
     names = label_names(data)

@@ -88,6 +88,7 @@ class Hello:
     nonce: str = ""
     resume: bool = False
     checkpoints: tuple[int, ...] = ()  # steps this computing party holds (checkpoint.py)
+    client: str = ""  # mpc-ft infer: the party that gets the predictions (infer.py)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -108,7 +109,7 @@ class Hello:
 # Fields every process must agree on, and fields the data owners must agree on.
 FIELDS_ALL = {"fingerprint": "job fingerprint", "mpc_ft": "mpc-ft version",
               "crypten": "CrypTen version", "torch": "torch version",
-              "resume": "--resume"}  # fmt: skip
+              "resume": "--resume", "client": "inference client (--client)"}  # fmt: skip
 FIELDS_OWNERS = {"backbone": "backbone identity", "tokens": "tokens per example",
                  "width": "feature width"}  # fmt: skip
 
@@ -199,8 +200,11 @@ def validate(hellos: list[Hello], owners: set[str], max_tokens: int,
         resume_step(hellos, computing)
 
 
-def exchange(ctl: Any, job: JobConfig, hello: Hello, token: bytes) -> dict[int, Hello]:
-    """Steps 1-3 over the control plane; every process's hello by rank, or BadInput."""
+def exchange(ctl: Any, job: JobConfig, hello: Hello, token: bytes,
+             owners: set[str] | None = None) -> dict[int, Hello]:  # fmt: skip
+    """Steps 1-3 over the control plane; every process's hello by rank, or BadInput.
+    `owners`: the parties that bring data (default: the job's data owners; for private
+    inference, the client; then checkpoints are not checked)."""
     ctl.put(f"hello/{ctl.rank}", hello.encode())
     raw = ctl.gather("hello", "hello")
     ctl.put(f"tag/{ctl.rank}", tag(token, ctl.rank, raw))
@@ -213,8 +217,10 @@ def exchange(ctl: Any, job: JobConfig, hello: Hello, token: bytes) -> dict[int, 
         if wrong:
             raise BadInput(f"handshake: the job file places other parties at the rank of "
                            f"{', '.join(wrong)}")  # fmt: skip
-        validate(list(hellos.values()), {p.name for p in job.data_owners},
-                 job.backbone.max_tokens, {p.name for p in job.compute_parties})  # fmt: skip
+        training = owners is None
+        owners = {p.name for p in job.data_owners} if training else owners
+        computing = {p.name for p in job.compute_parties} if training else None
+        validate(list(hellos.values()), owners, job.backbone.max_tokens, computing)
     except BadInput:
         ctl.put(f"verdict/{ctl.rank}", b"fail")
         ctl.wait_for_verdicts()

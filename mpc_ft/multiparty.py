@@ -192,14 +192,15 @@ class PartyProcesses:
             exits = run.wait(timeout_s=120)        # {name: PartyExit}
 
     A key "bob#2" starts a second process for party bob. `prefix` puts a command in front of a
-    party's (e.g. `ip netns exec NS`). Each process's
+    party's (e.g. `ip netns exec NS`); `command="infer"` runs `mpc-ft infer`. Each process's
     stdout and stderr are collected line by line; whatever is still running on leaving the
     block is killed."""
 
     def __init__(self, job_file: Path, args: dict[str, list[str]], *, env: dict[str, str],
-                 prefix: dict[str, list[str]] | None = None) -> None:  # fmt: skip
+                 prefix: dict[str, list[str]] | None = None,
+                 command: str = "party") -> None:  # fmt: skip
         self.commands = {
-            name: [*(prefix or {}).get(name, []), sys.executable, "-m", "mpc_ft.cli", "party",
+            name: [*(prefix or {}).get(name, []), sys.executable, "-m", "mpc_ft.cli", command,
                    "--job", str(job_file), "--party", name.split("#")[0], *extra]
             for name, extra in args.items()
         }  # fmt: skip

@@ -53,6 +53,7 @@ class PartyFiles:
     backbone: str | None = None  # this host's copy of the job's backbone (checked by identity)
     interface: str | None = None  # the interface gloo binds (default: the one with our host)
     resume: bool = False  # continue from the newest checkpoint that every party holds
+    infer_client: str | None = None  # private inference for this party (infer.py), not training
 
 
 def setup_logging(out_dir: Path, name: str) -> Path:
@@ -79,19 +80,25 @@ def backbone_path(job: JobConfig, local_copy: str | None = None) -> str:
 
 def load_owner_data(job: JobConfig, path: Path, files: PartyFiles) -> Dataset:
     """Read a labelled file and compute its features locally (plaintext, public backbone)."""
-    from mpc_ft import backbone, data
+    from mpc_ft import data
 
     texts = data.read_labelled_file(path)
     labels = data.one_hot(data.encode_labels(texts, job.labels), job.num_classes)
-    hidden, mask = backbone.extract_features(
-        texts.texts,
+    return Dataset.counted(*features(job, files, texts.texts), labels)
+
+
+def features(job: JobConfig, files: PartyFiles, texts: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states and padding masks of `texts` from this host's copy of the backbone."""
+    from mpc_ft import backbone
+
+    return backbone.extract_features(
+        texts,
         backbone=backbone_path(job, files.backbone),
         layer=job.backbone.layer,
         max_tokens=job.backbone.max_tokens,
         cache_dir=files.cache_dir,
         progress=files.progress,
     )
-    return Dataset.counted(hidden, mask, labels)
 
 
 def endpoint(job: JobConfig, name: str, interface: str | None) -> compat.PartyEndpoint:
@@ -140,7 +147,8 @@ def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
     ctl = ControlPlane(job, name, rendezvous)
     ctl.connect()
     try:
-        hellos = handshake.exchange(ctl, job, my_hello(job, name, local, files), files.token)
+        hellos = handshake.exchange(ctl, job, my_hello(job, name, local, files), files.token,
+                                    owners=_owners(job, files))  # fmt: skip
         log.info("handshake done with %s", ", ".join(h.name for h in hellos.values()))
         ctl.start_watch()
         ep = endpoint(job, name, interface)
@@ -164,9 +172,10 @@ def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
                "seconds_total": time.perf_counter() - start}  # fmt: skip
     out = files.out_dir / "parties"
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{name}.json.tmp"
+    stem = f"{name}.infer" if files.infer_client else name
+    tmp = out / f".{stem}.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / f"{name}.json")
+    os.replace(tmp, out / f"{stem}.json")
     if "loss" in result:
         accuracy = result["test_accuracy"]
         log.info("finished: loss per epoch %s, test accuracy %s; sent %.1f MiB in %d rounds",
@@ -175,12 +184,29 @@ def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
                  result["bytes_sent"] / 2**20, result["rounds"])  # fmt: skip
     if (files.out_dir / "head").is_dir() and "model_owner" in party.roles:
         log.info("the trained head (plain torch, HeadModule.load): %s", files.out_dir / "head")
-    log.info("done: %s", out / f"{name}.json")
+    log.info("done: %s", out / f"{stem}.json")
     return result
 
 
-def load_local_data(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Dataset] | None:
-    """A data owner's own train (and test) features; None for the other parties."""
+def _owners(job: JobConfig, files: PartyFiles) -> set[str] | None:
+    """The parties whose hellos carry data: the data owners, or the inference client."""
+    return {files.infer_client} if files.infer_client else None
+
+
+def load_local_data(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any] | None:
+    """A data owner's own train (and test) features, or the inference client's texts and
+    features; None for the other parties."""
+    if files.infer_client:
+        from mpc_ft import infer
+
+        client = job.party(files.infer_client)
+        if "dealer" in client.roles:
+            raise BadInput(f"--client {client.name!r} is the dealer; name a computing party")
+        if name != client.name and (files.data or files.test_data):
+            raise BadInput(f"party {name!r} is not the inference client; it takes no --data")
+        if name != client.name:
+            return None
+        return infer.load_client_texts(job, files.data, lambda t: features(job, files, t))
     is_owner = "data_owner" in job.party(name).roles
     if is_owner and files.data is None:
         raise BadInput(f"party {name!r} is a data owner: give its dataset with --data FILE")
@@ -201,7 +227,7 @@ def my_hello(
     if local:
         from mpc_ft.backbone import inspect_backbone
 
-        train = local["train"]
+        train = local["train"] if "train" in local else local["features"]
         shape = dict(
             backbone=inspect_backbone(backbone_path(job, files.backbone)).identity,
             tokens=train.x.size(1), width=train.x.size(2), train=len(train),
@@ -214,6 +240,7 @@ def my_hello(
         held = tuple(checkpoint.steps(job, files.out_dir, name))
     return handshake.Hello(name=name, fingerprint=job.fingerprint(), nonce=os.urandom(32).hex(),
                            resume=files.resume, checkpoints=held,
+                           client=files.infer_client or "",
                            **handshake.local_versions(), **shape)  # fmt: skip
 
 
@@ -233,6 +260,15 @@ def _compute(
     party = job.party(name)
     rank = job.rank(name)
     crypten = compat.init_party(ep, ctl.store)
+    if files.infer_client:
+        from mpc_ft import infer
+
+        revealer = sharing.Revealer(job, rank)
+        result = infer.run_inference(crypten, job, name, files.infer_client, files.out_dir, local,
+                                     {h.name: h for h in everyone}, revealer)  # fmt: skip
+        ctl.finish()
+        compat.shutdown()
+        return result | {"reveals": revealer.log}
     width = next(s.width for s in everyone if s.train > 0)
     t1 = time.perf_counter()
     shared = sharing.share_datasets(crypten, job, local, everyone, rank)
@@ -274,6 +310,8 @@ def _compute(
     )
     seconds_train = time.perf_counter() - t2
     stats = compat.communication_stats()
+    trained_on = next(s.backbone for s in everyone if s.train > 0)
+    checkpoint.save_head(job, files.out_dir, name, params, trained_on)  # for private inference
     accuracy = None
     t3 = time.perf_counter()
     if shared["test"] is not None:

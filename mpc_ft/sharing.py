@@ -113,3 +113,10 @@ class Revealer:
         opened = {name: p.get_plain_text(dst=dst) for name, p in params.items()}
         self.log.append({"what": "trained head", "to": to, "count": len(params)})
         return opened if self.rank == dst else None
+
+    def to_party(self, value: Any, to: str, what: str) -> torch.Tensor | None:
+        """Reveal one shared tensor to party `to` alone (None on every other party)."""
+        dst = self.job.rank(to)
+        opened = value.get_plain_text(dst=dst)
+        self.log.append({"what": what, "to": to, "count": value.numel()})
+        return opened if self.rank == dst else None

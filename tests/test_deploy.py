@@ -312,3 +312,57 @@ def test_a_killed_party_and_its_peers_resume_and_end_where_an_uninterrupted_run_
     assert abs(metrics[1]["test_accuracy"] - metrics[0]["test_accuracy"]) <= 1 / 16 + 1e-9
     for a, b in zip(metrics[0]["loss"], metrics[1]["loss"], strict=True):
         assert abs(a - b) < 5e-3
+
+
+def _infer_args(world: Path, out: Path, client: str = "alice") -> dict[str, list[str]]:
+    args = {}
+    for name, a in party_args(world, out).items():
+        keep = [x for x in a if "--data" not in x and "--test-data" not in x and ".csv" not in x]
+        args[name] = [*keep, "--client", client]
+    args[client] += ["--data", str(world / f"{client}.test.csv")]
+    return args
+
+
+def test_private_inference_gives_the_client_alone_the_plaintext_heads_predictions(
+    world, loopback_run
+):
+    """After training (loopback_run), every party keeps its shares of the head; `mpc-ft infer`
+    classifies alice's texts and reveals the labels to alice alone."""
+    out, _ = loopback_run
+    job = out / "job.toml"
+    with PartyProcesses(job, _infer_args(world, out), env={}, command="infer") as run:
+        exits = run.wait(240)
+    assert {n: e.code for n, e in exits.items()} == dict.fromkeys(PARTIES, 0), _outputs(exits)
+    with open(out / "alice" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert not any((out / n / "predictions.csv").exists() for n in ("bob", "carol", "dealer"))
+
+    from mpc_ft.backbone import extract_features
+    from mpc_ft.data import read_labelled_file
+
+    texts = read_labelled_file(world / "alice.test.csv")
+    assert [r["text"] for r in rows] == list(texts.texts)
+    hidden, mask = extract_features(texts.texts, backbone=world / "backbone", layer=-1,
+                                    max_tokens=8, cache_dir=None, progress=False)  # fmt: skip
+    head = HeadModule.load(out / "carol" / "head")
+    with torch.no_grad():
+        logits = head(hidden, mask)
+    plain = [head.labels[i] for i in logits.argmax(-1).tolist()]
+    clear = (logits[:, 0] - logits[:, 1]).abs() > 0.05  # near-ties may flip in fixed point
+    assert all(r["label"] == p for r, p, c in zip(rows, plain, clear.tolist(), strict=True) if c)
+    assert clear.sum() >= len(rows) // 2
+    for name in ("alice", "bob", "carol"):
+        record = json.loads((out / name / "parties" / f"{name}.infer.json").read_text())
+        assert record["reveals"] == [
+            {"what": "predicted labels", "to": "alice", "count": len(rows) * 2}
+        ]
+        assert ("accuracy" in record) == (name == "alice")
+
+
+def test_inference_parties_naming_different_clients_are_refused(world, loopback_run):
+    out, _ = loopback_run
+    args = _infer_args(world, out)
+    args["bob"] = [*args["bob"][:-1], "carol"]  # --client carol
+    with PartyProcesses(out / "job.toml", args, env={}, command="infer") as run:
+        exits = run.wait(120)
+    _assert_all_exit(exits, 2, "inference client")

@@ -62,10 +62,7 @@ def share_reference(crypten, params, data, params_src=0):
 
 
 def step(params, data, ops):
-    """One SGD step of the reference head on leaf parameters; returns the new leaves.
-
-    Not re-leafed: under CrypTen, detaching again a leaf that sgd_step made under no_grad gave
-    parameters that never received a gradient (seen here; train.train never does that)."""
+    """One SGD step of the reference head on leaf parameters; returns the new leaves."""
     return train.train_step(params, {}, data.x, data.mask, data.y, head=HEAD, train_cfg=SGD,
                             ops=ops, inv_count=data.inv_count)[0]  # fmt: skip
 

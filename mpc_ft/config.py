@@ -93,6 +93,9 @@ class TrainConfig:
     seed: int = 0  # batch order and the model owner's initial head
     # every N steps each computing party saves its shares (checkpoint.py); 0: never
     checkpoint_every: int = 0
+    # every N steps the parameters are checked for fixed-point overflow on shares, revealing
+    # one number (watchdog.py); a failure rolls back to the last good state. 0: never
+    watchdog_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -251,8 +254,9 @@ def _validate(job: JobConfig) -> None:
     bad = [k for k, v in positive.items() if not v > 0]
     if bad:
         raise BadInput(f"{where}: {', '.join(bad)} must be positive")
-    if job.train.checkpoint_every < 0:
-        raise BadInput(f"{where}: train.checkpoint_every must be 0 (off) or a number of steps")
+    for key in ("checkpoint_every", "watchdog_every"):
+        if getattr(job.train, key) < 0:
+            raise BadInput(f"{where}: train.{key} must be 0 (off) or a number of steps")
     _check_rendezvous(job)
     if not 8 <= job.mpc.precision_bits <= 24:
         raise BadInput(f"{where}: mpc.precision_bits must be in [8, 24]")

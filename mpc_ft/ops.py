@@ -145,6 +145,11 @@ class TorchOps:
     def zero() -> torch.Tensor:
         return torch.zeros(())
 
+    @staticmethod
+    def signed_sum(t: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        """sum(t * signs) for public integer signs (watchdog.py)."""
+        return (t.detach() * signs).sum()
+
 
 class MpcOps(TorchOps):
     """CrypTen backend: the same functions on secret shares (CrypTensor on the left of every op)."""
@@ -195,9 +200,12 @@ class MpcOps(TorchOps):
     def correct(logits: Any, onehot: Any) -> Any:
         return (logits.argmax(dim=-1, one_hot=True) * onehot).sum()
 
-    @staticmethod
-    def leaf(t: Any) -> Any:
-        t = t.detach()
+    def leaf(self, t: Any) -> Any:
+        """A fresh leaf. CrypTen's detach() clones through autograd when autograd is on, so a
+        leaf made from a tensor that requires grad would hang in the graph as an inner node
+        and never receive a gradient: detach with autograd off."""
+        with self.crypten.no_grad():
+            t = t.detach()
         t.requires_grad = True
         return t
 
@@ -209,6 +217,15 @@ class MpcOps(TorchOps):
 
     def zero(self) -> Any:
         return self.crypten.cryptensor(torch.zeros(()))
+
+    def signed_sum(self, t: Any, signs: torch.Tensor) -> Any:
+        """sum(t * signs) on the raw shares: exact in the ring for any value. CrypTen's own
+        `t * signs` encodes the integers as fixed point, and its product wraps to a wrong value
+        once |t| > 2^(63 - 2 bits) (2^31 at 16 bits): exactly the values the watchdog seeks."""
+        with self.crypten.no_grad():
+            out = t.sum()  # the encoding and the shape of the result; the share replaced:
+        out.share = (t.share * signs).sum()
+        return out
 
 
 # --- CrypTen autograd functions (classes built lazily: importing ops must not import crypten) ---

@@ -130,32 +130,59 @@ def train(
 ) -> tuple[dict[str, Any], History]:
     """Train for train_cfg.epochs; returns the final parameters and the revealed history.
 
-    on_step(state) runs after every step (checkpoints; after an epoch's last step, once its
-    metrics are revealed); `resume` continues from such a state (its step is the data cursor:
-    the batch order is public), ignoring `params`."""
+    on_step(state) runs after every step that passed the overflow watchdog (checkpoints; after
+    an epoch's last step, once its metrics are revealed); `resume` continues from such a state
+    (its step is the data cursor: the batch order is public), ignoring `params`. Every
+    train_cfg.watchdog_every steps the parameters are checked (watchdog.py); a failed check
+    rolls back to the last state that passed and retries those steps."""
+    from mpc_ft import watchdog
+
     state = resume or TrainState({k: ops.leaf(v) for k, v in params.items()})
-    history = state.history
     n = len(data)
     per_epoch = -(-n // train_cfg.batch_size)
-    for epoch in range(state.step // per_epoch, train_cfg.epochs):
-        start = time.perf_counter()
-        batches = batch_order(n, train_cfg.batch_size, train_cfg.seed, epoch)
-        done = state.step - epoch * per_epoch  # steps of this epoch before a resume
-        bar = tqdm(batches[done:], desc=f"{ops.name} epoch {epoch + 1}/{train_cfg.epochs}",
-                   unit="step", disable=not progress, leave=True, initial=done,
-                   total=len(batches))  # fmt: skip
-        for index in bar:
-            x, mask, y, inv_count = data.batch(index, ops)
-            state.params, state.velocity, logits, terms = train_step(
-                state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg,
-                ops=ops, inv_count=inv_count,
-            )  # fmt: skip
-            state.seen.append((logits, y, *terms))
-            state.step += 1
-            history.steps = state.step
-            if on_step and state.step % per_epoch:  # an epoch's last step: after its metrics
+    total = per_epoch * train_cfg.epochs
+    good, retries = _snapshot(state, ops), 0
+    bar, bar_epoch, start = None, -1, time.perf_counter()
+    while state.step < total:
+        epoch, i = divmod(state.step, per_epoch)
+        if bar is None or bar_epoch != epoch:
+            batches = batch_order(n, train_cfg.batch_size, train_cfg.seed, epoch)
+            bar = tqdm(
+                total=per_epoch,
+                initial=i,
+                desc=f"{ops.name} epoch {epoch + 1}/{train_cfg.epochs}",
+                unit="step",
+                disable=not progress,
+                leave=True,
+            )
+            bar_epoch = epoch
+        x, mask, y, inv_count = data.batch(batches[i], ops)
+        state.params, state.velocity, logits, terms = train_step(
+            state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
+            inv_count=inv_count,
+        )  # fmt: skip
+        state.seen.append((logits, y, *terms))
+        state.step += 1
+        state.history.steps = state.step
+        bar.update(1)
+        every = train_cfg.watchdog_every
+        if every and (state.step % every == 0 or state.step == total):
+            bad = watchdog.out_of_range(state.params, ops, reveal_scalars, state.step)
+            if bad:
+                retries += 1
+                if retries > watchdog.MAX_RETRIES:
+                    raise watchdog.Overflow(watchdog.advice(bad, state.step, retries - 1))
+                tqdm.write(f"{ops.name}: overflow in {', '.join(bad)} at step {state.step}; "
+                           f"rolling back to step {good.step} and retrying")  # fmt: skip
+                state, bar = _snapshot(good, ops), None
+                continue
+            good, retries = _snapshot(state, ops), 0
+        if state.step % per_epoch:
+            if on_step:
                 on_step(state)
-        with ops.no_grad():  # the epoch's metrics, batched: one log and one argmax per epoch
+            continue
+        history = state.history  # the epoch's metrics, batched: one log and one argmax per epoch
+        with ops.no_grad():
             logits, labels, offsets, totals = (list(c) for c in zip(*state.seen, strict=True))
             loss_sum = ops.loss_sum(offsets, totals)
             correct = ops.correct(ops.cat(logits), ops.cat(labels))
@@ -164,6 +191,9 @@ def train(
         history.loss.append(total_loss / n)
         history.accuracy.append(total_correct / n)
         history.seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        if every:
+            good = _snapshot(state, ops)
         if on_step:
             on_step(state)
         if progress:
@@ -171,7 +201,20 @@ def train(
                 f"{ops.name} epoch {epoch + 1}: loss {history.loss[-1]:.4f}, "
                 f"train accuracy {history.accuracy[-1]:.3f}, {history.seconds[-1]:.1f} s"
             )
-    return {k: v.detach() for k, v in state.params.items()}, history
+    return {k: v.detach() for k, v in state.params.items()}, state.history
+
+
+def _snapshot(state: TrainState, ops: Any) -> TrainState:
+    """A copy to roll back to: fresh leaves for the parameters (no gradient, no graph)."""
+    return TrainState(
+        params={k: ops.leaf(v) for k, v in state.params.items()},
+        velocity=dict(state.velocity),
+        step=state.step,
+        history=History(
+            *(list(v) if isinstance(v, list) else v for v in vars(state.history).values())
+        ),  # fmt: skip
+        seen=list(state.seen),
+    )
 
 
 def evaluate(

@@ -133,3 +133,64 @@ def test_a_checkpoint_of_another_job_or_a_torn_file_is_refused_by_name(tmp_path)
     path_for_bob.rename(checkpoint.path_for(tmp_path, "bob", 7))
     with pytest.raises(BadInput, match="not what its name says"):
         checkpoint.steps(JOB, tmp_path, "bob")
+
+
+def _watchdog_party(rank: int, data, params, lr: float, corrupt_at: int | None) -> dict:
+    """Train under MPC; at step `corrupt_at` (once) add 2^48 (4e9 in value: what a failed
+    truncation adds) to one element of party 0's share of cls.w."""
+    import dataclasses
+
+    import crypten
+
+    from mpc_ft.ops import MpcOps
+
+    ops = MpcOps(crypten)
+    shared = {k: crypten.cryptensor(v, src=0) for k, v in params.items()}
+    sdata = train.Dataset(*(crypten.cryptensor(t, src=0) for t in (data.x, data.mask, data.y)))
+    log = []
+
+    def reveal(values, what):
+        log.append(what)
+        return [v.get_plain_text().item() for v in values]
+
+    calls = []
+    original = train.sgd_step
+
+    def sgd_step(p, v, cfg, ops_, rows):
+        new, vel = original(p, v, cfg, ops_, rows)
+        calls.append(1)
+        if len(calls) == corrupt_at and rank == 0:  # once: the retried step is clean
+            new["cls.w"].share[0, 0] += 2**48
+        return new, vel
+
+    train.sgd_step = sgd_step
+    cfg = dataclasses.replace(TRAIN, lr=lr, watchdog_every=1)
+    try:
+        trained, history = train.train(shared, sdata, head=HEAD, train_cfg=cfg, ops=ops,
+                                       reveal_scalars=reveal)  # fmt: skip
+    except BadInput as e:
+        return {"error": str(e), "log": log}
+    finally:
+        train.sgd_step = original
+    return {"params": {k: v.get_plain_text() for k, v in trained.items()}, "log": log,
+            "loss": history.loss}  # fmt: skip
+
+
+def test_a_wrapped_parameter_is_caught_on_shares_rolled_back_and_retrained(tmp_path):
+    data = _data(n=20)
+    params = head_def.init_params(HEAD, 24, 2, seed=0)
+    clean, hit = (run_multiparty(_watchdog_party, parties=2, args=(data, params, 0.1, at))[0]
+                  for at in (None, 2))  # fmt: skip
+    assert hit["log"].count("watchdog step 2") == 3  # failed (count, then flags), passed
+    for name, value in clean["params"].items():
+        err = (hit["params"][name] - value).abs().max().item()
+        assert err < 2e-3, (name, err)  # the retried steps end where the clean run does
+    assert clean["log"].count("watchdog step 2") == 1
+
+
+def test_a_persistent_overflow_stops_with_the_layer_and_the_fixes():
+    data = _data(n=20)
+    params = head_def.init_params(HEAD, 24, 2, seed=0)
+    result = run_multiparty(_watchdog_party, parties=2, args=(data, params, 1e9, None))[0]
+    assert "fixed-point overflow in" in result["error"] and "lower train.lr" in result["error"]
+    assert "at step 1" in result["error"]

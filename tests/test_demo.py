@@ -41,6 +41,7 @@ def test_default_demo_tiny(tmp_path):
     assert report["provider"] == "TTP"
     assert set(report["bytes_sent_per_party"]) == {"alice", "bob"}
     assert report["reveals"] == [
+        {"what": "watchdog step 2", "to": "all", "count": 1},  # the overflow check's one number
         {"what": "epoch 1", "to": "all", "count": 2},
         {"what": "test accuracy", "to": "all", "count": 1},
         {"what": "trained head", "to": "bob", "count": 16},  # parameters of the 1-block head

@@ -106,6 +106,11 @@ def _traps(crypten) -> dict:
     s = crypten.cryptensor(x, requires_grad=True)
     s.narrow(1, 0, 2).sum().backward()
     found["narrow_keeps_grad"] = s.grad.get_plain_text().tolist()
+    s = crypten.cryptensor(x, requires_grad=True)
+    copy = s.detach()  # autograd on: a clone inside the graph (ops.leaf detaches under no_grad)
+    copy.requires_grad = True
+    (copy * 2).sum().backward()
+    found["detach_copy_gets_no_grad"] = copy.grad is None
     found["var_biased"] = crypten.cryptensor(x).var(unbiased=False).get_plain_text().item()
     found["exp_below_minus_512"] = crypten.cryptensor(torch.tensor([-600.0])).exp().get_plain_text()
     s = crypten.cryptensor(torch.tensor([4.0]), requires_grad=True)
@@ -164,6 +169,7 @@ def test_crypten_traps_still_exist(mpc_results):
     assert traps["indexing_drops_grad"], "x[idx] now keeps gradients: revisit ops.py"
     assert traps["narrow_keeps_grad"][0] == pytest.approx([1, 1, 0, 0], abs=1e-3)
     # var(unbiased=False) divides by N-1 (inverted flag): centred sum of squares 12.6875 / 3
+    assert traps["detach_copy_gets_no_grad"], "detach() no longer clones through autograd"
     assert traps["var_biased"] == pytest.approx(12.6875 / 3, abs=1e-2)
     assert traps["exp_below_minus_512"].abs().item() > 1.0, "exp below -512 is no longer garbage"
     print("inv_sqrt backward:", traps["inv_sqrt_grad"])

@@ -329,10 +329,12 @@ def center(rows: int, d: int, parties: int, *, ndim: int = 2) -> Cost:
 
 
 def gelu(numel: int, parties: int, *, ndim: int = 1) -> Cost:
-    """Tanh form, as MpcOps.gelu: x^2, x * x^2, three public multiplies, tanh, x * (1 + tanh)."""
-    return (square(numel, parties, ndim=ndim) + 2 * mul(numel, parties, ndim=ndim)
-            + 3 * public_mul(numel, parties, ndim=ndim)
-            + tanh(numel, parties, ndim=ndim))  # fmt: skip
+    """MpcOps.gelu (ops.GELU_EXP): x < 0, x * [x < 0] (a 0/1 factor: no truncation), t^2,
+    t^2 * t, three public multiplies and exp for E, t * E, and * 0.5."""
+    return (ltz(numel, parties, ndim=ndim) + _beaver(numel, numel, numel, ndim)
+            + square(numel, parties, ndim=ndim) + 2 * mul(numel, parties, ndim=ndim)
+            + 4 * public_mul(numel, parties, ndim=ndim)
+            + exp(numel, parties, ndim=ndim))  # fmt: skip
 
 
 def quad_activation(numel: int, parties: int, *, ndim: int = 1) -> Cost:

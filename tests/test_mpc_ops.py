@@ -31,7 +31,7 @@ def _inputs() -> dict[str, tuple[torch.Tensor, ...]]:
                    torch.randn(6, generator=g)),
         "layer_norm": (torch.randn(B, T, D, generator=g) * 2 + 0.5,
                        torch.rand(D, generator=g) + 0.5, torch.randn(D, generator=g)),
-        "gelu": (torch.linspace(-4, 4, 64).reshape(4, 16),),
+        "gelu": (torch.linspace(-8, 8, 64).reshape(4, 16),),
         "masked_softmax": (torch.randn(B, H, T, T, generator=g) * 2, mask.reshape(B, 1, 1, T)),
         "masked_mean": (torch.randn(B, T, D, generator=g), mask),
         "cross_entropy": (torch.randn(B, 3, generator=g) * 2, onehot),
@@ -142,7 +142,7 @@ def _reference(name, args):
 # are iterative approximations, measured here at a few 1e-3.
 TOLERANCE = {
     "linear": 2e-3, "matmul_4d": 2e-3, "masked_mean": 2e-3, "layer_norm": 1e-2,
-    "gelu": 1e-2, "masked_softmax": 1e-2, "cross_entropy": 1e-2,
+    "gelu": 3e-3, "masked_softmax": 1e-2, "cross_entropy": 1e-2,
     "quad_attention": 2e-3, "quad_activation": 2e-3, "center": 2e-3,
 }  # fmt: skip
 
@@ -232,3 +232,16 @@ def test_truncation_fails_at_rate_x_times_2_to_2bits_minus_64_for_any_party_coun
     wrong = run_multiparty(_wrong_products, parties=parties, args=(100_000,))[0]
     assert 800 < wrong[24] < 2500, wrong
     assert wrong[16] == 0, wrong
+
+
+def test_gelu_fit_with_cryptens_exp_is_within_7e_5_of_the_tanh_form():
+    """ops.GELU_EXP in float, with exp computed as CrypTen does ((1 + y/256)^256): the
+    approximation itself; fixed point adds ~1e-3 under MPC (test_component_forward_and_gradient)."""
+    from mpc_ft.ops import GELU_EXP
+
+    a, b, d = GELU_EXP
+    x = torch.linspace(-23, 23, 20001, dtype=torch.float64)
+    t = x.abs()
+    e = (1 - (a * t + b * t**2 + d * t**3) / 256) ** 256
+    approx = x.clamp(min=0) - 0.5 * t * e
+    assert (approx - TorchOps.gelu(x)).abs().max().item() < 7e-5

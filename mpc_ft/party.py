@@ -147,7 +147,7 @@ def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
                 if not ctl.finished(job.compute_parties[0].name):  # TTPServer hides errors
                     ctl.diagnose(RuntimeError("the dealer's link to the parties broke"))
                 ctl.finish()
-                result: dict[str, Any] = {}
+                result: dict[str, Any] = {"reveals": []}  # the dealer opens nothing
             else:
                 everyone = [hellos[job.rank(p.name)] for p in job.compute_parties]
                 result = _compute(job, name, files, local, everyone, ctl, ep)
@@ -235,7 +235,8 @@ def _compute(
     params = sharing.share_head(crypten, initial, shapes_of_head, model_owner_rank)
     seconds_sharing = time.perf_counter() - t1
 
-    revealer = sharing.Revealer(job, rank)
+    policy = sharing.declared_reveals(job, has_test=shared["test"] is not None)
+    revealer = sharing.Revealer(job, rank, policy)
     ops = MpcOps(crypten)
     compat.reset_communication_stats()
     log.info("training on %d examples for %d epoch(s)", len(shared["train"]), job.train.epochs)

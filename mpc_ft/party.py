@@ -185,6 +185,9 @@ def load_local_data(job: JobConfig, name: str, files: PartyFiles) -> dict[str, D
         raise BadInput(f"party {name!r} is not a data owner in this job; it takes no --data")
     if not is_owner:
         return None
+    from mpc_ft.backbone import check_declared
+
+    check_declared(job, backbone_path(job, files.backbone))
     local = {"train": load_owner_data(job, files.data, files)}
     if files.test_data:
         local["test"] = load_owner_data(job, files.test_data, files)

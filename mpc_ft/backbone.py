@@ -21,10 +21,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mpc_ft.errors import BadInput
+
+if TYPE_CHECKING:
+    from mpc_ft.config import JobConfig
 
 _CACHE_FORMAT = "mpc_ft.backbone.features/1"
 _CHUNK = 1 << 20  # identity hashes the first and last MiB of each weight file
@@ -122,6 +126,25 @@ def inspect_backbone(path: str | Path) -> BackboneInfo:
     except OSError as e:
         raise BadInput(f"{p}: cannot read model files ({_one_line(e)})") from e
     return BackboneInfo(str(p), h.hexdigest()[:16], hidden, layers, is_decoder)
+
+
+def check_declared(job: JobConfig, path: str | Path) -> BackboneInfo:
+    """A data owner's copy of the backbone against what the job declares, before any features:
+    its identity (when the job pins backbone.identity), its layer count (backbone.layer), and
+    its width where the head takes it unprojected (head.project_input = false)."""
+    info = inspect_backbone(path)
+    pinned = job.backbone.identity
+    if pinned and info.identity != pinned:
+        raise BadInput(
+            f"{info.path}: backbone identity {info.identity} is not the job's "
+            f"backbone.identity {pinned} (another model than the job declares)"
+        )
+    resolve_layer(info, job.backbone.layer)
+    if not job.head.project_input and info.hidden_size != job.head.d_model:
+        raise BadInput(f"{info.path}: hidden size {info.hidden_size} differs from the job's "
+                       f"head.d_model {job.head.d_model} (head.project_input = false feeds the "
+                       "features to the head unprojected)")  # fmt: skip
+    return info
 
 
 def resolve_layer(info: BackboneInfo, layer: int) -> int:

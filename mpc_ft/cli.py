@@ -151,7 +151,10 @@ def _party(args: argparse.Namespace) -> None:
     from mpc_ft.party import PartyFiles, run
 
     job = load_job(args.job)
-    job.party(args.party)  # unknown name: BadInput before anything else
+    try:
+        job.party(args.party)  # unknown name: BadInput before anything else
+    except BadInput as e:
+        raise BadInput(f"{args.job}: {e}") from None
     private = load_private(args.private) if args.private else PrivateConfig()
 
     def pick(flag: object, key: str) -> str | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -62,6 +63,9 @@ class BackboneConfig:
     path: str = "default"  # "default": the packaged all-MiniLM-L6-v2; else a local HF model dir
     layer: int = 4  # hidden_states index (0 = embeddings); 4 beat MiniLM's last layer by ~3 points
     max_tokens: int = 32
+    # Optional pin: the 16-hex identity (backbone.inspect_backbone; report.json's
+    # backbone_identity) that every data owner's copy must have; "" accepts any copy
+    identity: str = ""
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,12 @@ def _validate(job: JobConfig) -> None:
         raise BadInput(f"{where}: head.d_model must be divisible by head.num_heads")
     if job.reveal.head not in HEAD_REVEALS:
         raise BadInput(f"{where}: reveal.head must be one of {HEAD_REVEALS}")
+    if not job.reveal.epoch_metrics:  # training reveals them; refuse rather than ignore
+        raise BadInput(f"{where}: reveal.epoch_metrics = false is not supported yet (training "
+                       "reveals each epoch's mean loss and accuracy to all parties)")  # fmt: skip
+    if job.backbone.identity and not re.fullmatch(r"[0-9a-f]{16}", job.backbone.identity):
+        raise BadInput(f"{where}: backbone.identity must be 16 hex digits (report.json's "
+                       "backbone_identity), or empty")  # fmt: skip
     positive = {
         "backbone.max_tokens": job.backbone.max_tokens,
         "head.d_model": job.head.d_model,

@@ -158,7 +158,7 @@ def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
                 if not ctl.finished(job.compute_parties[0].name):  # TTPServer hides errors
                     ctl.diagnose(RuntimeError("the dealer's link to the parties broke"))
                 ctl.finish()
-                result: dict[str, Any] = {}
+                result: dict[str, Any] = {"reveals": []}  # the dealer opens nothing
             else:
                 everyone = [hellos[job.rank(p.name)] for p in job.compute_parties]
                 result = _compute(job, name, files, local, everyone, ctl, ep)
@@ -214,6 +214,9 @@ def load_local_data(job: JobConfig, name: str, files: PartyFiles) -> dict[str, A
         raise BadInput(f"party {name!r} is not a data owner in this job; it takes no --data")
     if not is_owner:
         return None
+    from mpc_ft.backbone import check_declared
+
+    check_declared(job, backbone_path(job, files.backbone))
     local = {"train": load_owner_data(job, files.data, files)}
     if files.test_data:
         local["test"] = load_owner_data(job, files.test_data, files)
@@ -280,7 +283,8 @@ def _compute(
     params = sharing.share_head(crypten, initial, shapes_of_head, model_owner_rank)
     seconds_sharing = time.perf_counter() - t1
 
-    revealer = sharing.Revealer(job, rank)
+    policy = sharing.declared_reveals(job, has_test=shared["test"] is not None)
+    revealer = sharing.Revealer(job, rank, policy)
     ops = MpcOps(crypten)
     resume = None
     step = handshake.resume_step(everyone, {p.name for p in job.compute_parties})

@@ -13,6 +13,7 @@ Protocol, run identically by every computing party (ranks from the job file, by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,32 +92,85 @@ def share_head(
             for name, shape in shapes.items()}  # fmt: skip
 
 
+def declared_reveals(job: JobConfig, *, has_test: bool) -> list[dict[str, Any]]:
+    """The job's reveal policy: every decryption a computing party takes part in, in order.
+
+    Derived from the job file alone (plus whether any owner holds test data, which the
+    handshake makes public): per-epoch aggregates (summed loss, correct count) to all, the
+    test set's correct count to all, the trained head to the model owner (reveal.head). The
+    dealer takes part in no reveal. `Revealer` refuses anything else."""
+    from mpc_ft.head import param_shapes
+
+    policy = [{"what": f"epoch {e + 1}", "to": "all", "count": 2} for e in range(job.train.epochs)]
+    if has_test:
+        policy.append({"what": "test accuracy", "to": "all", "count": 1})
+    if job.reveal.head == "model_owner":
+        count = len(param_shapes(job.head, job.head.d_model, job.num_classes))
+        policy.append({"what": "trained head", "to": job.model_owner.name, "count": count})
+    return policy
+
+
+def _is_watchdog(entry: dict[str, Any], job: JobConfig) -> bool:
+    """The overflow watchdog's reveals (watchdog.py), declared by train.watchdog_every: every
+    check opens one count to all; a failed check also opens the per-tensor flags, and a
+    rollback repeats checks, so they are allowed at any point rather than listed in order."""
+    return job.train.watchdog_every > 0 and entry["to"] == "all" and \
+        str(entry["what"]).startswith("watchdog step ")  # fmt: skip
+
+
+class UndeclaredReveal(Exception):
+    """A decryption the job's reveal policy does not declare: a bug, never bad input."""
+
+
 @dataclass
 class Revealer:
-    """The one gate through which shared values become plaintext; keeps a log of every reveal."""
+    """The one gate through which shared values become plaintext; keeps a log of every reveal.
+
+    With a `policy` (declared_reveals), a reveal that is not the next declared one raises
+    UndeclaredReveal before anything is decrypted; every party runs the same code, so all
+    stop at the same point. Values CrypTen opens inside its own protocols (masked
+    differences in a Beaver multiplication, comparisons) are uniformly masked and are not
+    reveals in this sense."""
 
     job: JobConfig
     rank: int
+    policy: list[dict[str, Any]] | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def scalars(self, values: list[Any], what: str) -> list[float]:
-        """Reveal aggregate scalars to every computing party."""
+        """Reveal aggregate scalars to every computing party (one decryption for all)."""
         import crypten
 
-        opened = crypten.stack([v.reshape(1) for v in values]).get_plain_text().reshape(-1)
-        self.log.append({"what": what, "to": "all", "count": len(values)})
-        return [float(v) for v in opened]
+        def decrypt() -> torch.Tensor:
+            return crypten.stack([v.reshape(1) for v in values]).get_plain_text().reshape(-1)
+
+        return [float(v) for v in self._open(what, "all", len(values), decrypt)]
 
     def head(self, params: dict[str, Any], to: str) -> dict[str, torch.Tensor] | None:
         """Reveal the trained head to one party only (CrypTen reduces the shares to `dst`)."""
         dst = self.job.rank(to)
-        opened = {name: p.get_plain_text(dst=dst) for name, p in params.items()}
-        self.log.append({"what": "trained head", "to": to, "count": len(params)})
+
+        def decrypt() -> dict[str, torch.Tensor]:
+            return {name: p.get_plain_text(dst=dst) for name, p in params.items()}
+
+        opened = self._open("trained head", to, len(params), decrypt)
         return opened if self.rank == dst else None
 
     def to_party(self, value: Any, to: str, what: str) -> torch.Tensor | None:
         """Reveal one shared tensor to party `to` alone (None on every other party)."""
         dst = self.job.rank(to)
-        opened = value.get_plain_text(dst=dst)
-        self.log.append({"what": what, "to": to, "count": value.numel()})
+        opened = self._open(what, to, value.numel(), lambda: value.get_plain_text(dst=dst))
         return opened if self.rank == dst else None
+
+    def _open(self, what: str, to: str, count: int, decrypt: Callable[[], Any]) -> Any:
+        """Every decryption in mpc_ft passes here: check it against the policy, decrypt, log."""
+        entry = {"what": what, "to": to, "count": count}
+        if self.policy is not None and not _is_watchdog(entry, self.job):
+            done = sum(not _is_watchdog(e, self.job) for e in self.log)
+            expected = self.policy[done] if done < len(self.policy) else "nothing more"
+            if entry != expected:
+                message = f"undeclared reveal {entry}: the job declares {expected} next"
+                raise UndeclaredReveal(message)
+        opened = decrypt()
+        self.log.append(entry)
+        return opened

@@ -266,7 +266,10 @@ def _compute(
     if files.infer_client:
         from mpc_ft import infer
 
-        revealer = sharing.Revealer(job, rank)
+        texts = next(h.train for h in everyone if h.name == files.infer_client)
+        policy = [{"what": "predicted labels", "to": files.infer_client,
+                   "count": texts * job.num_classes}]  # fmt: skip
+        revealer = sharing.Revealer(job, rank, policy)
         result = infer.run_inference(crypten, job, name, files.infer_client, files.out_dir, local,
                                      {h.name: h for h in everyone}, revealer)  # fmt: skip
         ctl.finish()

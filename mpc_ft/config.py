@@ -45,6 +45,10 @@ from mpc_ft.errors import BadInput
 
 ROLES = ("data_owner", "model_owner", "dealer")
 HEAD_REVEALS = ("model_owner", "nobody")
+TRAIN_MODES = ("mpc", "federated")
+# federated.max_examples / min_examples at most this: 1 / (total examples) is computed in fixed
+# point over that range, with relative error up to about sqrt(ratio) * 2^-precision_bits
+MAX_EXAMPLES_RATIO = 1024
 NATIVE_HEAD = {"attention": "quad", "activation": "quad", "norm": "center"}  # README table
 HEAD_CHOICES = {"attention": ("softmax", "quad"), "activation": ("gelu", "quad"),
                 "norm": ("layernorm", "center")}  # fmt: skip
@@ -91,6 +95,23 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0  # batch order and the model owner's initial head
+    # "mpc": the whole training on shares (train.py). "federated": FedAvg rounds, each data owner
+    # training locally in plaintext and the updates averaged under MPC ([federated] section;
+    # train.epochs is not used then). README: "Federated mode".
+    mode: str = "mpc"
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """train.mode = "federated" (mpc_ft/federated.py)."""
+
+    rounds: int = 3
+    local_epochs: int = 1  # each owner's epochs over its own data per round
+    # Public bounds on the total number of training examples over all data owners. The parties
+    # compute 1 / total under MPC by Newton's method over this range (the total itself is never
+    # opened; one bit, whether it lies in the range, is). Ratio at most MAX_EXAMPLES_RATIO.
+    min_examples: int = 64
+    max_examples: int = 65536
 
 
 @dataclass(frozen=True)
@@ -128,6 +149,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mpc: MpcConfig = field(default_factory=MpcConfig)
     reveal: RevealConfig = field(default_factory=RevealConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -253,8 +275,25 @@ def _validate(job: JobConfig) -> None:
     if bad:
         raise BadInput(f"{where}: {', '.join(bad)} must be positive")
     _check_rendezvous(job)
+    _check_federated(job)
     if job.mpc.precision_bits and not 8 <= job.mpc.precision_bits <= 24:
         raise BadInput(f"{where}: mpc.precision_bits must be 0 (auto) or in [8, 24]")
+
+
+def _check_federated(job: JobConfig) -> None:
+    where, fed = f"job {job.name!r}", job.federated
+    if job.train.mode not in TRAIN_MODES:
+        raise BadInput(f"{where}: train.mode must be one of {TRAIN_MODES}, not {job.train.mode!r}")
+    small = [k for k in ("rounds", "local_epochs", "min_examples") if getattr(fed, k) < 1]
+    if small:
+        raise BadInput(f"{where}: federated.{', federated.'.join(small)} must be at least 1")
+    if not fed.min_examples <= fed.max_examples <= fed.min_examples * MAX_EXAMPLES_RATIO:
+        raise BadInput(f"{where}: federated.max_examples must be between min_examples and "
+                       f"{MAX_EXAMPLES_RATIO} x min_examples ({fed.min_examples}), not "
+                       f"{fed.max_examples}")  # fmt: skip
+    if job.train.mode == "federated" and job.reveal.head == "nobody":
+        raise BadInput(f"{where}: reveal.head = 'nobody' cannot hold in federated mode, which "
+                       "reveals the global head to every participant each round")  # fmt: skip
 
 
 def _check_rendezvous(job: JobConfig) -> None:

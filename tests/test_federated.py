@@ -168,3 +168,34 @@ def test_secure_aggregate_is_the_weighted_average_and_no_update_is_opened():
         assert history.accuracy == pytest.approx(twin_history.accuracy, abs=1e-3)
         assert refused and "outside [40, 400]" in refused
     assert results[0][2] == results[1][2]  # both parties learned the same things
+
+
+# ------------------------------------------------------------------- the demo, end to end
+
+
+@pytest.mark.slow
+def test_federated_demo_tiny(tmp_path):
+    from tests.test_demo import _demo
+
+    report = _demo(tmp_path, "--train-size", "40", "--test-size", "20", "--mode", "federated",
+                   "--rounds", "2", "--local-epochs", "1")  # fmt: skip
+    assert (report["mode"], report["rounds"], report["local_epochs"]) == ("federated", 2, 1)
+    assert report["epochs"] == 2 and len(report["loss_mpc"]) == len(report["loss_plaintext"]) == 2
+    assert report["steps"] == 2 * 2  # 2 rounds x (alice: 20 examples, bob: 20) in batches of 32
+    assert report["loss_mpc"] == pytest.approx(report["loss_plaintext"], abs=5e-3)
+    assert set(report["bytes_sent_per_party"]) == {"alice", "bob"}
+    assert report["reveals"] == [
+        {"what": "initial head", "to": "all", "count": 16},
+        {"what": "total training examples within [federated.min_examples, max_examples]",
+         "to": "all", "count": 1},
+        {"what": "round 1: mean loss and accuracy per local epoch", "to": "all", "count": 2},
+        {"what": "round 1: averaged update", "to": "all", "count": 16},
+        {"what": "round 2: mean loss and accuracy per local epoch", "to": "all", "count": 2},
+        {"what": "round 2: averaged update", "to": "all", "count": 16},
+        {"what": "test accuracy", "to": "all", "count": 1},
+    ]  # fmt: skip
+    assert abs(report["accuracy_mpc"] - report["accuracy_plaintext"]) <= 1 / 20 + 1e-9
+    from mpc_ft.head import HeadModule
+
+    head = HeadModule.load(tmp_path / "run" / "head")  # bob, the model owner, wrote the last head
+    assert head(torch.randn(3, 32, 384), torch.ones(3, 32)).shape == (3, 2)

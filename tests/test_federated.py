@@ -199,3 +199,36 @@ def test_federated_demo_tiny(tmp_path):
 
     head = HeadModule.load(tmp_path / "run" / "head")  # bob, the model owner, wrote the last head
     assert head(torch.randn(3, 32, 384), torch.ones(3, 32)).shape == (3, 2)
+
+
+# ---------------------------------------------------- the comparison table, from benchmark rows
+
+
+def test_comparison_table_is_rendered_from_rows_and_spliced_in_place(tmp_path):
+    from benchmarks import render
+
+    log = [{"what": "initial head", "to": "all", "count": 16},
+           {"what": "round 1: averaged update", "to": "all", "count": 16},
+           {"what": "round 2: averaged update", "to": "all", "count": 16},
+           {"what": "trained head", "to": "bob", "count": 16}]  # fmt: skip
+    row = {"group": "federated", "owners": 2, "split": "non-iid", "method": "federated",
+           "label0_share": [0.8, 0.2], "accuracy": 0.7, "twin_accuracy": 0.71,
+           "seconds": {"median": 2.0}, "bytes_per_party": [2**20, 2**21], "reveals": log,
+           "config": {"train": 10, "test": 5, "epochs": 2, "rounds": 2,
+                      "local_epochs": 1}}  # fmt: skip
+    assert render.learned(row) == (
+        "all: initial head, 2 x averaged update (so the global head); bob: trained head"
+    )
+    block = render.federated_table([row, {**row, "group": "other"}])
+    assert block[0] == render.FEDERATED_START and block[-1] == render.FEDERATED_END
+    assert "| 2 | non-iid (0.80, 0.20) | federated (MPC aggregation) | 70.0% (71.0%) | 2.00 s" \
+        " | 1.0 / 2.0 |" in "\n".join(block)  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n\n" + render.FEDERATED_START + "\nold\n" + render.FEDERATED_END + "\n\n## y\n"
+    )
+    render.splice(readme, block)
+    render.splice(readme, block)  # idempotent: the block is replaced, not appended again
+    text = readme.read_text()
+    assert text.startswith("# x\n\n") and text.endswith("\n\n## y\n") and "old" not in text
+    assert text.count(render.FEDERATED_START) == 1 and "70.0% (71.0%)" in text

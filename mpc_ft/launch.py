@@ -116,12 +116,15 @@ def write_sample_data(opts: DemoOptions, owners: list[str], out: Path) -> list[P
     return list(files.values())
 
 
-def build_job(opts: DemoOptions, labels: tuple[str, ...]) -> JobConfig:
+def build_job(
+    opts: DemoOptions, labels: tuple[str, ...], train_examples: int | None = None
+) -> JobConfig:
+    """The demo's job; train_examples: the total actually dealt (default opts.train_size)."""
     if opts.head not in ("exact", "native"):
         raise BadInput(f"--head {opts.head}: choose exact or native")
     federated = {}
     if opts.mode == "federated":  # the launcher knows the total; the range is public, loose
-        n = opts.train_size
+        n = train_examples or opts.train_size
         federated = {"rounds": opts.rounds, "local_epochs": opts.local_epochs,
                      "min_examples": max(1, n // 4), "max_examples": 4 * n}  # fmt: skip
     parties = demo_parties(opts.data_owners, opts.separate_model_owner)
@@ -209,7 +212,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     _check_out(opts.out)
     train_texts, test_texts, dataset_name = prepare_data(opts)
     labels = data_lib.label_names(train_texts)
-    job = build_job(opts, labels)
+    job = build_job(opts, labels, len(train_texts))
     backbone_dir = _resolve_backbone(job)
     owners = job.data_owners
     train_shards = data_lib.shard(train_texts, len(owners), opts.seed)

@@ -68,6 +68,16 @@ def test_federated_config_checks():
         JobConfig(**{**vars(_job()), "reveal": RevealConfig(head="nobody")})
 
 
+def test_demo_job_declares_a_range_around_the_examples_actually_dealt():
+    from mpc_ft.launch import DemoOptions, build_job
+
+    opts = DemoOptions(mode="federated", rounds=4, local_epochs=2)  # train_size 1200
+    job = build_job(opts, ("a", "b"), train_examples=24)  # a 24-row dataset of one's own
+    assert (job.train.mode, job.federated.rounds, job.federated.local_epochs) == ("federated", 4, 2)
+    assert (job.federated.min_examples, job.federated.max_examples) == (6, 96)
+    assert build_job(DemoOptions(), ("a", "b")).train.mode == "mpc"
+
+
 def test_job_file_round_trip_keeps_the_federated_section(tmp_path):
     from mpc_ft.config import load_job
 
@@ -171,6 +181,22 @@ def test_secure_aggregate_is_the_weighted_average_and_no_update_is_opened():
 
 
 # ------------------------------------------------------------------- the demo, end to end
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--rounds", "0"], "federated.rounds must be at least 1"),
+        (["--local-epochs", "0"], "federated.local_epochs must be at least 1"),
+        (["--mode", "fedavg"], "argument --mode: invalid choice"),
+    ],  # fmt: skip
+)
+def test_demo_rejects_bad_federated_options_in_one_line(tmp_path, args, culprit):
+    from tests.test_cli import _assert_one_line_error, _mpc_ft
+
+    demo = ["demo", "--out", "run", "--cache", "cache", "--no-progress", "--mode", "federated"]
+    _assert_one_line_error(_mpc_ft([*demo, *args], cwd=tmp_path), culprit)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow

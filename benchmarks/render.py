@@ -368,20 +368,24 @@ def federated_table(rows: list[dict]) -> list[str]:
     return [FEDERATED_START, *out, FEDERATED_END]
 
 
+FEDERATED_HEADING = ["## Federated mode vs full MPC training", ""]
+
+
 def federated_section(rows: list[dict]) -> list[str]:
     table = federated_table(rows)
-    return ["## Federated mode vs full MPC training", "", *table, ""] if table else []
+    return [*FEDERATED_HEADING, *table, ""] if table else []
 
 
-def splice(path: Path, block: list[str]) -> None:
-    """Replace the generated block (markers included) in `path`; append it if absent."""
+def splice(path: Path, block: list[str], preamble: list[str] | None = None) -> None:
+    """Replace the generated block (markers included) in `path`; if it has none, append the
+    preamble (a heading) and the block."""
     text = path.read_text() if path.exists() else ""
     new = "\n".join(block).rstrip("\n")
     if FEDERATED_START in text and FEDERATED_END in text:
         head, rest = text.split(FEDERATED_START, 1)
         text = head + new + rest.split(FEDERATED_END, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
+        text = text.rstrip("\n") + "\n\n" + "\n".join([*(preamble or []), new]) + "\n"
     path.write_text(text)
 
 
@@ -427,10 +431,11 @@ def main() -> None:
         block = federated_table(read_rows(args.results))
         if not block:
             raise SystemExit(f"no federated rows in {args.results}")
-        for path in (args.out, readme):
-            if path is not None:
-                splice(path, block)
-                print(f"updated the federated section of {path}")
+        splice(args.out, block, FEDERATED_HEADING)
+        print(f"updated the federated section of {args.out}")
+        if readme is not None:
+            splice(readme, block)
+            print(f"updated the federated table in {readme}")
         return
     render(args.results, args.out, args.plots)
     print(f"wrote {args.out}")

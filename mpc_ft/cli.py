@@ -3,7 +3,8 @@
     mpc-ft demo [--out DIR] [--data-owners N] [--dataset FILE] [--test-dataset FILE]
                 [--backbone DIR] [--train-size N] [--test-size N] [--epochs N]
                 [--max-tokens N] [--layer N] [--seed N] [--head exact|native]
-                [--separate-model-owner]
+                [--separate-model-owner] [--mode mpc|federated] [--rounds R]
+                [--local-epochs E]
     mpc-ft party --job JOB.toml --party NAME [--private FILE] [--data FILE] [--test-data FILE]
                  [--token-file FILE] [--backbone DIR] [--interface IFACE] [--out DIR]
                  [--resume]
@@ -66,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
         default="native",
         help="the MPC-native head (default: as accurate here, 2.5x cheaper) or the exact "
         "transformer head (README: 'Exact and MPC-native heads')",
+    )
+    demo.add_argument(
+        "--mode",
+        choices=("mpc", "federated"),
+        default="mpc",
+        help="mpc: the whole training on shares (default); federated: FedAvg rounds of local "
+        "plaintext training, updates averaged under MPC (README: 'Federated mode')",
+    )
+    demo.add_argument("--rounds", type=int, default=3, help="federated rounds (--mode federated)")
+    demo.add_argument(
+        "--local-epochs", type=int, default=1, help="local epochs per round (--mode federated)"
     )
     demo.add_argument("--cache", type=Path, help="feature cache (default: next to --out)")
     demo.add_argument("--no-progress", action="store_true")
@@ -138,6 +150,9 @@ def _demo(args: argparse.Namespace) -> None:
             head=args.head,
             cache_dir=args.cache,
             progress=not args.no_progress,
+            mode=args.mode,
+            rounds=args.rounds,
+            local_epochs=args.local_epochs,
         )
     )
 

@@ -46,6 +46,10 @@ from mpc_ft.errors import BadInput
 
 ROLES = ("data_owner", "model_owner", "dealer")
 HEAD_REVEALS = ("model_owner", "nobody")
+TRAIN_MODES = ("mpc", "federated")
+# federated.max_examples / min_examples at most this: 1 / (total examples) is computed in fixed
+# point over that range, with relative error up to about sqrt(ratio) * 2^-precision_bits
+MAX_EXAMPLES_RATIO = 1024
 NATIVE_HEAD = {"attention": "quad", "activation": "quad", "norm": "center"}  # README table
 HEAD_CHOICES = {"attention": ("softmax", "quad"), "activation": ("gelu", "quad"),
                 "norm": ("layernorm", "center")}  # fmt: skip
@@ -100,6 +104,23 @@ class TrainConfig:
     # every N steps the parameters are checked for fixed-point overflow on shares, revealing
     # one number (watchdog.py); a failure rolls back to the last good state. 0: never
     watchdog_every: int = 10
+    # "mpc": the whole training on shares (train.py). "federated": FedAvg rounds, each data owner
+    # training locally in plaintext and the updates averaged under MPC ([federated] section;
+    # train.epochs is not used then). README: "Federated mode".
+    mode: str = "mpc"
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """train.mode = "federated" (mpc_ft/federated.py)."""
+
+    rounds: int = 3
+    local_epochs: int = 1  # each owner's epochs over its own data per round
+    # Public bounds on the total number of training examples over all data owners. The parties
+    # compute 1 / total under MPC by Newton's method over this range (the total itself is never
+    # opened; one bit, whether it lies in the range, is). Ratio at most MAX_EXAMPLES_RATIO.
+    min_examples: int = 64
+    max_examples: int = 65536
 
 
 @dataclass(frozen=True)
@@ -138,6 +159,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mpc: MpcConfig = field(default_factory=MpcConfig)
     reveal: RevealConfig = field(default_factory=RevealConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -268,8 +290,25 @@ def _validate(job: JobConfig) -> None:
         if getattr(job.train, key) < 0:
             raise BadInput(f"{where}: train.{key} must be 0 (off) or a number of steps")
     _check_rendezvous(job)
+    _check_federated(job)
     if not 8 <= job.mpc.precision_bits <= 24:
         raise BadInput(f"{where}: mpc.precision_bits must be in [8, 24]")
+
+
+def _check_federated(job: JobConfig) -> None:
+    where, fed = f"job {job.name!r}", job.federated
+    if job.train.mode not in TRAIN_MODES:
+        raise BadInput(f"{where}: train.mode must be one of {TRAIN_MODES}, not {job.train.mode!r}")
+    small = [k for k in ("rounds", "local_epochs", "min_examples") if getattr(fed, k) < 1]
+    if small:
+        raise BadInput(f"{where}: federated.{', federated.'.join(small)} must be at least 1")
+    if not fed.min_examples <= fed.max_examples <= fed.min_examples * MAX_EXAMPLES_RATIO:
+        raise BadInput(f"{where}: federated.max_examples must be between min_examples and "
+                       f"{MAX_EXAMPLES_RATIO} x min_examples ({fed.min_examples}), not "
+                       f"{fed.max_examples}")  # fmt: skip
+    if job.train.mode == "federated" and job.reveal.head == "nobody":
+        raise BadInput(f"{where}: reveal.head = 'nobody' cannot hold in federated mode, which "
+                       "reveals the global head to every participant each round")  # fmt: skip
 
 
 def _check_rendezvous(job: JobConfig) -> None:

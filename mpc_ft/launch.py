@@ -49,6 +49,9 @@ class DemoOptions:
     head: str = "native"  # the MPC-native head (config.NATIVE_HEAD), or "exact"
     cache_dir: Path | None = None
     progress: bool = True
+    mode: str = "mpc"  # or "federated": FedAvg rounds with MPC secure aggregation
+    rounds: int = 3  # federated mode
+    local_epochs: int = 1  # federated mode
 
 
 def demo_parties(data_owners: int, separate_model_owner: bool) -> tuple[PartyConfig, ...]:
@@ -113,9 +116,17 @@ def write_sample_data(opts: DemoOptions, owners: list[str], out: Path) -> list[P
     return list(files.values())
 
 
-def build_job(opts: DemoOptions, labels: tuple[str, ...]) -> JobConfig:
+def build_job(
+    opts: DemoOptions, labels: tuple[str, ...], train_examples: int | None = None
+) -> JobConfig:
+    """The demo's job; train_examples: the total actually dealt (default opts.train_size)."""
     if opts.head not in ("exact", "native"):
         raise BadInput(f"--head {opts.head}: choose exact or native")
+    federated = {}
+    if opts.mode == "federated":  # the launcher knows the total; the range is public, loose
+        n = train_examples or opts.train_size
+        federated = {"rounds": opts.rounds, "local_epochs": opts.local_epochs,
+                     "min_examples": max(1, n // 4), "max_examples": 4 * n}  # fmt: skip
     parties = demo_parties(opts.data_owners, opts.separate_model_owner)
     layer = opts.layer
     if layer is None:
@@ -126,7 +137,8 @@ def build_job(opts: DemoOptions, labels: tuple[str, ...]) -> JobConfig:
             "labels": list(labels),
             "parties": [{"name": p.name, "roles": list(p.roles), "host": p.host} for p in parties],
             "backbone": {"path": opts.backbone, "max_tokens": opts.max_tokens, "layer": layer},
-            "train": {"epochs": opts.epochs, "seed": opts.seed},
+            "train": {"epochs": opts.epochs, "seed": opts.seed, "mode": opts.mode},
+            "federated": federated,
             "head": NATIVE_HEAD if opts.head == "native" else {},
             "mpc": {"rendezvous": f"tcp://127.0.0.1:{free_port()}"},
         },
@@ -200,7 +212,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     _check_out(opts.out)
     train_texts, test_texts, dataset_name = prepare_data(opts)
     labels = data_lib.label_names(train_texts)
-    job = build_job(opts, labels)
+    job = build_job(opts, labels, len(train_texts))
     backbone_dir = _resolve_backbone(job)
     owners = job.data_owners
     train_shards = data_lib.shard(train_texts, len(owners), opts.seed)
@@ -266,7 +278,12 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "precision_bits": job.precision_bits,
             "head": job.to_dict()["head"],
             "reveals": first["reveals"],
+            "mode": job.train.mode,
         }
+        if job.train.mode == "federated":
+            fed = job.federated
+            rep |= {"epochs": fed.rounds * fed.local_epochs, "rounds": fed.rounds,
+                    "local_epochs": fed.local_epochs}  # fmt: skip
         report.write_report(rep, work)
         report.plot_losses(rep, work)
         if opts.out.exists():
@@ -318,7 +335,7 @@ def train_twin(
     from mpc_ft import head as head_def
     from mpc_ft.ops import TorchOps
 
-    def features(shards: list[data_lib.LabelledTexts]) -> train.Dataset:
+    def features(shards: list[data_lib.LabelledTexts]) -> list[train.Dataset]:
         parts = []
         for shard in shards:
             x, mask = backbone.extract_features(
@@ -326,17 +343,27 @@ def train_twin(
                 max_tokens=job.backbone.max_tokens, cache_dir=cache, progress=False,
             )  # fmt: skip
             y = data_lib.one_hot(data_lib.encode_labels(shard, job.labels), job.num_classes)
-            parts.append((x, mask, y))
-        return train.Dataset.counted(*(torch.cat(t) for t in zip(*parts, strict=True)))
+            parts.append(train.Dataset.counted(x, mask, y))
+        return parts
+
+    def pooled(parts: list[train.Dataset]) -> train.Dataset:
+        fields = ("x", "mask", "y", "inv_count")
+        return train.Dataset(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    train_set, test_set = features(train_shards), features(test_shards)
+    owners = features(train_shards)
+    train_set, test_set = pooled(owners), pooled(features(test_shards))
     params = head_def.init_params(job.head, train_set.x.size(2), job.num_classes, job.train.seed)
     start = time.perf_counter()
-    params, history = train.train(
-        params, train_set, head=job.head, train_cfg=job.train, ops=TorchOps,
-        reveal_scalars=train.plaintext_reveal, progress=False,
-    )  # fmt: skip
+    if job.train.mode == "federated":  # the same FedAvg rounds with the exact average
+        from mpc_ft import federated
+
+        params, history = federated.simulate(params, owners, job)
+    else:
+        params, history = train.train(
+            params, train_set, head=job.head, train_cfg=job.train, ops=TorchOps,
+            reveal_scalars=train.plaintext_reveal, progress=False,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
     accuracy = train.evaluate(
         params, test_set, head=job.head, batch_size=job.train.eval_batch_size, ops=TorchOps,

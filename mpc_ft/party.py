@@ -276,6 +276,14 @@ def _compute(
         compat.shutdown()
         return result | {"reveals": revealer.log}
     width = next(s.width for s in everyone if s.train > 0)
+    if job.train.mode == "federated":  # FedAvg with secure aggregation: mpc_ft/federated.py
+        from mpc_ft import federated
+
+        result = federated.party_result(crypten, job, name, local, everyone, width,
+                                        files.out_dir, files.progress)  # fmt: skip
+        ctl.finish()  # before shutdown, as below
+        compat.shutdown()
+        return result
     t1 = time.perf_counter()
     shared = sharing.share_datasets(crypten, job, local, everyone, rank)
     shapes_of_head = head_def.param_shapes(job.head, width, job.num_classes)

@@ -13,6 +13,7 @@ Protocol, run identically by every computing party (ranks from the job file, by 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,20 @@ class Revealer:
             return crypten.stack([v.reshape(1) for v in values]).get_plain_text().reshape(-1)
 
         return [float(v) for v in self._open(what, "all", len(values), decrypt)]
+
+    def tensors(self, values: dict[str, Any], what: str) -> dict[str, torch.Tensor]:
+        """Reveal named shared tensors to every computing party, in one opening (federated
+        mode: the initial head, then each round's averaged update, so the global head)."""
+        import crypten
+
+        def decrypt() -> torch.Tensor:
+            return crypten.cat([v.reshape(-1) for v in values.values()]).get_plain_text()
+
+        flat = self._open(what, "all", len(values), decrypt)
+        sizes = [math.prod(v.size()) for v in values.values()]
+        pieces = flat.split(sizes)
+        return {name: piece.reshape(tuple(v.size()))
+                for (name, v), piece in zip(values.items(), pieces, strict=True)}  # fmt: skip
 
     def head(self, params: dict[str, Any], to: str) -> dict[str, torch.Tensor] | None:
         """Reveal the trained head to one party only (CrypTen reduces the shares to `dst`)."""

@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from mpc_ft.errors import BadInput, PeerFailure
 
@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="continue from the newest checkpoint every party holds (all parties)",
         )
+    party.add_argument(
+        "--init-seed",
+        type=int,
+        help="model owner: seed of the initial head "
+        "(default: a fresh secret one; the demo passes train.seed for its twin)",
+    )
     infer.add_argument(
         "--client",
         required=True,
@@ -187,9 +193,15 @@ def _party(args: argparse.Namespace) -> None:
         backbone=pick(args.backbone, "backbone"),
         interface=pick(args.interface, "interface"),
         resume=args.resume,
+        init_seed=_init_seed(args, private),
         infer_client=getattr(args, "client", None),
     )
     run(job, args.party, files)
+
+
+def _init_seed(args: argparse.Namespace, private: Any) -> int:
+    flag = getattr(args, "init_seed", None)
+    return flag if flag is not None else private.init_seed
 
 
 def _sample_data(args: argparse.Namespace) -> None:

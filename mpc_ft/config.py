@@ -98,7 +98,7 @@ class TrainConfig:
     lr: float = 0.02  # with momentum 0.9: 72.7% twin accuracy vs 71.3% at 0.05 (1,200 RT examples)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    seed: int = 0  # batch order and the model owner's initial head
+    seed: int = 0  # the public batch order (the initial head: the model owner's private seed)
     # every N steps each computing party saves its shares (checkpoint.py); 0: never
     checkpoint_every: int = 0
     # every N steps the parameters are checked for fixed-point overflow on shares, revealing
@@ -339,12 +339,16 @@ class PrivateConfig:
     interface: str = ""  # the network interface gloo binds
     out: str = ""
     cache: str = ""
+    # the model owner's seed for the initial head; -1: a fresh secret one. Never train.seed,
+    # which every party holds: a head drawn from it would be known to all.
+    init_seed: int = -1
 
 
 def load_private(path: str | Path) -> PrivateConfig:
     path = Path(path)
     private = _build(PrivateConfig, _read_toml(path, "private party file"), str(path))
-    paths = {k: v for k, v in dataclasses.asdict(private).items() if k != "interface"}
+    paths = {k: v for k, v in dataclasses.asdict(private).items()
+             if k not in ("interface", "init_seed")}  # fmt: skip
     resolve = {k: str(path.parent / v) for k, v in paths.items()
                if v and v != "default" and not Path(v).is_absolute()}  # fmt: skip
     return dataclasses.replace(private, **resolve)

@@ -237,6 +237,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                 extra = ["--data", str(train_file), "--test-data", str(test_file)]
             if party == job.compute_parties[0] and opts.progress:
                 extra.append("--progress")
+            if party == job.model_owner:  # the demo's twin starts from the same head
+                extra += ["--init-seed", str(job.train.seed)]
             commands[party.name] = party_command(work / "job.toml", party.name, work, cache, extra)
         names = ", ".join(p.name for p in job.parties)
         print(f"mpc-ft demo: {len(train_texts)} training and {len(test_texts)} test examples of "

@@ -53,6 +53,7 @@ class PartyFiles:
     backbone: str | None = None  # this host's copy of the job's backbone (checked by identity)
     interface: str | None = None  # the interface gloo binds (default: the one with our host)
     resume: bool = False  # continue from the newest checkpoint that every party holds
+    init_seed: int = -1  # the model owner's private seed for the initial head; -1: fresh, secret
     infer_client: str | None = None  # private inference for this party (infer.py), not training
 
 
@@ -289,7 +290,10 @@ def _compute(
     shapes_of_head = head_def.param_shapes(job.head, width, job.num_classes)
     initial = None
     if "model_owner" in party.roles:
-        initial = head_def.init_params(job.head, width, job.num_classes, job.train.seed)
+        import secrets
+
+        seed = files.init_seed if files.init_seed >= 0 else secrets.randbits(62)
+        initial = head_def.init_params(job.head, width, job.num_classes, seed)
     model_owner_rank = job.rank(job.model_owner.name)
     params = sharing.share_head(crypten, initial, shapes_of_head, model_owner_rank)
     seconds_sharing = time.perf_counter() - t1

@@ -299,13 +299,14 @@ def _compute(
     seconds_sharing = time.perf_counter() - t1
 
     policy = sharing.declared_reveals(job, has_test=shared["test"] is not None)
-    revealer = sharing.Revealer(job, rank, policy)
     ops = MpcOps(crypten)
     resume = None
     step = handshake.resume_step(everyone, {p.name for p in job.compute_parties})
     if step:
         resume = checkpoint.load(job, files.out_dir, name, step, crypten, ops)
         log.info("resuming from checkpoint step %d (held by every party)", step)
+        policy = policy[len(resume.history.loss) :]  # those epochs were revealed before the crash
+    revealer = sharing.Revealer(job, rank, policy)
 
     def save(state: train.TrainState) -> None:
         every = job.train.checkpoint_every

@@ -87,6 +87,8 @@ def party_args(world: Path, out: Path, token: Path | None = None) -> dict[str, l
         if name in ("alice", "bob"):
             extra += ["--data", str(world / f"{name}.train.csv"),
                       "--test-data", str(world / f"{name}.test.csv")]  # fmt: skip
+        if name == "carol":  # the same private initial head in every run, to compare runs
+            extra += ["--init-seed", "7"]
         args[name] = extra
     return args
 
@@ -283,15 +285,12 @@ def test_a_killed_party_and_its_peers_resume_and_end_where_an_uninterrupted_run_
     fixed-point error (CrypTen's randomness is fresh after a restart)."""
     settings = "epochs = 2\ncheckpoint_every = 1"
     whole_out, out = tmp_path / "whole", tmp_path / "crashed"
-    seeded = {"carol": ["--init-seed", "7"]}  # the same (private) initial head in both runs
-    exits = run_job(
-        write_job(tmp_path / "whole.toml", world, train=settings),
-        {n: a + seeded.get(n, []) for n, a in party_args(world, whole_out).items()},
-    )
+    exits = run_job(write_job(tmp_path / "whole.toml", world, train=settings),
+                    party_args(world, whole_out))  # fmt: skip
     assert {n: e.code for n, e in exits.items()} == dict.fromkeys(PARTIES, 0), _outputs(exits)
 
     job = write_job(tmp_path / "job.toml", world, train=settings, peer_timeout_s=20.0)
-    args = {n: a + seeded.get(n, []) for n, a in party_args(world, out).items()}
+    args = party_args(world, out)
     with PartyProcesses(job, args, env={}) as run:
         run.wait_for_line("bob", "checkpoint step 2", timeout_s=180)
         run.kill("bob")
@@ -320,7 +319,8 @@ def test_a_killed_party_and_its_peers_resume_and_end_where_an_uninterrupted_run_
 def _infer_args(world: Path, out: Path, client: str = "alice") -> dict[str, list[str]]:
     args = {}
     for name, a in party_args(world, out).items():
-        keep = [x for x in a if "--data" not in x and "--test-data" not in x and ".csv" not in x]
+        pairs = [a[i : i + 2] for i in range(0, len(a), 2)]  # party_args: flag, value pairs
+        keep = [x for p in pairs if p[0] not in ("--data", "--test-data", "--init-seed") for x in p]
         args[name] = [*keep, "--client", client]
     args[client] += ["--data", str(world / f"{client}.test.csv")]
     return args

@@ -138,6 +138,7 @@ def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
     interface, address = network.choose_interface(party.host, files.interface)
     if not files.token:
         raise BadInput(f"party {name!r}: no job token")
+    _checkpoints(job, name, files)  # a foreign or torn checkpoint: exit 2 before any work
     local = load_local_data(job, name, files)
     seconds_features = time.perf_counter() - start
     setup_logging(files.out_dir, name)  # everything local checked out: from here on, a log
@@ -189,6 +190,15 @@ def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
     return result
 
 
+def _checkpoints(job: JobConfig, name: str, files: PartyFiles) -> tuple[int, ...]:
+    """The checkpoint steps this computing party holds (BadInput for a foreign file)."""
+    if "dealer" in job.party(name).roles or files.infer_client:
+        return ()
+    from mpc_ft import checkpoint
+
+    return tuple(checkpoint.steps(job, files.out_dir, name))
+
+
 def _owners(job: JobConfig, files: PartyFiles) -> set[str] | None:
     """The parties whose hellos carry data: the data owners, or the inference client."""
     return {files.infer_client} if files.infer_client else None
@@ -237,13 +247,8 @@ def my_hello(
             tokens=train.x.size(1), width=train.x.size(2), train=len(train),
             test=len(local["test"]) if "test" in local else 0,
         )  # fmt: skip
-    held = ()
-    if "dealer" not in job.party(name).roles:
-        from mpc_ft import checkpoint
-
-        held = tuple(checkpoint.steps(job, files.out_dir, name))
     return handshake.Hello(name=name, fingerprint=job.fingerprint(), nonce=os.urandom(32).hex(),
-                           resume=files.resume, checkpoints=held,
+                           resume=files.resume, checkpoints=_checkpoints(job, name, files),
                            client=files.infer_client or "",
                            **handshake.local_versions(), **shape)  # fmt: skip
 

@@ -5,12 +5,12 @@ log, no feature cache).
 
 The command runs in-process (`cli.main`, the console script's function) so that the table stays
 fast; tests/test_cli.py runs the same checks as real processes for the demo and a few party
-flags. Not here: checkpoints from another job (checkpoints do not exist on this branch) and
-mismatches between parties (tests/test_handshake.py, tests/test_deploy.py).
+flags. Not here: mismatches between parties (tests/test_handshake.py, tests/test_deploy.py).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,15 @@ JOB = HEAD + PARTIES + "[mpc]\ntimeout_s = 5.0\n"
 JOB += '[backbone]\npath = "{BB}"\nlayer = -1\nmax_tokens = 8\n'
 GOOD_CSV = b"text,label\nthe film was good,pos\nthe plot was dull,neg\n"
 ALICE = ["party", "--job", "job.toml", "--party", "alice", "--data", "a.csv"]
+
+
+def _foreign_checkpoint() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"fingerprint": "0" * 64, "party": "alice", "step": 4, "params": {}}, buffer)
+    return buffer.getvalue()
+
+
+FOREIGN_CHECKPOINT = _foreign_checkpoint()
 
 
 def _job(extra: str = "", parties: str = PARTIES) -> bytes:
@@ -104,6 +113,13 @@ BAD = {
     "private: backbone copy missing": (
         {"p.toml": b'data = "a.csv"\nbackbone = "gone-model"\n'},
         [*ALICE[:5], "--private", "p.toml"], ["gone-model", "does not exist"]),
+    # --- checkpoints (mpc_ft/checkpoint.py) ---------------------------------------------------
+    "checkpoint: of another job": (
+        {"out/checkpoints/alice/step-000004.pt": FOREIGN_CHECKPOINT}, ALICE,
+        ["step-000004.pt", "is from another job"]),
+    "checkpoint: torn file": (
+        {"out/checkpoints/alice/step-000004.pt": FOREIGN_CHECKPOINT[:40]},
+        ALICE, ["step-000004.pt", "cannot be read"]),
     # --- a party's data ------------------------------------------------------------------------
     "data: given to the dealer": (
         {}, ["party", "--job", "job.toml", "--party", "dealer", "--data", "a.csv"],
@@ -154,6 +170,7 @@ def test_bad_input_exits_2_in_one_line_naming_file_and_problem_and_writes_nothin
         if content is None:
             path.mkdir()
         else:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content.replace(b"{BB}", str(tiny_backbone).encode()))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPC_FT_TOKEN", TOKEN)

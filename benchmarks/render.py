@@ -329,7 +329,10 @@ def learned(row: dict) -> str:
         return "everything: one place holds every owner's features and labels"
     counts: dict[tuple[str, str], int] = {}
     for entry in row["reveals"]:
-        what = re.sub(r"^(round|epoch) \d+:?\s*", "", entry["what"]) or "mean loss and accuracy"
+        what = re.sub(r"^(round|epoch|watchdog step) \d+:?\s*", "", entry["what"])
+        if entry["what"].startswith("watchdog step"):
+            what = "overflow-watchdog count (0 unless the arithmetic broke)"
+        what = what or "mean loss and accuracy"
         what = {"averaged update": "averaged update (so the global head)",
                 "mean loss and accuracy per local epoch": "mean loss and accuracy",
                 "total training examples within [federated.min_examples, max_examples]":

@@ -69,6 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--cache", type=Path, help="feature cache (default: next to --out)")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=0.0,
+        help="DP-SGD on shares: calibrate the noise to this epsilon (delta 1e-5)",
+    )
+    demo.add_argument(
+        "--dp-microbatches",
+        type=int,
+        default=0,
+        help="DP microbatches per batch (default: per-example clipping)",
+    )
+    demo.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP clipping norm C")
 
     party = sub.add_parser("party", help="run one party of a job (one process per host)")
     infer = sub.add_parser(
@@ -138,6 +151,9 @@ def _demo(args: argparse.Namespace) -> None:
             head=args.head,
             cache_dir=args.cache,
             progress=not args.no_progress,
+            dp_epsilon=args.dp_epsilon,
+            dp_microbatches=args.dp_microbatches,
+            dp_max_grad_norm=args.dp_max_grad_norm,
         )
     )
 

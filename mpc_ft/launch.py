@@ -47,6 +47,9 @@ class DemoOptions:
     layer: int | None = None  # None: 4 for the packaged MiniLM (measured best), else the last
     seed: int = 0
     head: str = "native"  # the MPC-native head (config.NATIVE_HEAD), or "exact"
+    dp_epsilon: float = 0.0  # > 0: DP-SGD on shares calibrated to this epsilon (dp.py)
+    dp_microbatches: int = 0  # DP microbatches per batch; 0: per-example clipping
+    dp_max_grad_norm: float = 1.0
     cache_dir: Path | None = None
     progress: bool = True
 
@@ -129,9 +132,23 @@ def build_job(opts: DemoOptions, labels: tuple[str, ...]) -> JobConfig:
             "train": {"epochs": opts.epochs, "seed": opts.seed},
             "head": NATIVE_HEAD if opts.head == "native" else {},
             "mpc": {"rendezvous": f"tcp://127.0.0.1:{free_port()}"},
+            "dp": _dp_section(opts),
         },
         where="demo options",
     )
+
+
+def _dp_section(opts: DemoOptions) -> dict[str, Any]:
+    if opts.dp_epsilon < 0:
+        raise BadInput(f"--dp-epsilon {opts.dp_epsilon}: must be positive (0: no DP)")
+    if not opts.dp_epsilon:
+        return {}
+    return {
+        "enabled": True,
+        "target_epsilon": opts.dp_epsilon,
+        "num_microbatches": opts.dp_microbatches,
+        "max_grad_norm": opts.dp_max_grad_norm,
+    }
 
 
 def _pump(stream: IO[bytes], sinks: list[IO[bytes]]) -> None:
@@ -195,6 +212,7 @@ def party_command(job_file: Path, name: str, out: Path, cache: Path, extra: list
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """The whole local demo; returns the report (also written to opts.out)."""
     from mpc_ft import backbone, report
+    from mpc_ft.dp import report_keys as dp_report_keys
 
     start = time.perf_counter()
     _check_out(opts.out)
@@ -266,6 +284,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "precision_bits": job.precision_bits,
             "head": job.to_dict()["head"],
             "reveals": first["reveals"],
+            **dp_report_keys(first.get("privacy")),
         }
         report.write_report(rep, work)
         report.plot_losses(rep, work)
@@ -316,6 +335,7 @@ def train_twin(
     """The plaintext twin: same features (from the owners' caches), head, init and batch order."""
     from mpc_ft import backbone, train
     from mpc_ft import head as head_def
+    from mpc_ft.dp import DpRun
     from mpc_ft.ops import TorchOps
 
     def features(shards: list[data_lib.LabelledTexts]) -> train.Dataset:
@@ -336,6 +356,7 @@ def train_twin(
     params, history = train.train(
         params, train_set, head=job.head, train_cfg=job.train, ops=TorchOps,
         reveal_scalars=train.plaintext_reveal, progress=False,
+        dp=DpRun(job.dp, parties=len(job.compute_parties)),
     )  # fmt: skip
     seconds = time.perf_counter() - start
     accuracy = train.evaluate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -206,3 +207,47 @@ def test_dp_config_is_checked():
     with pytest.raises(BadInput, match="must divide"):
         job.replace(dp={"enabled": True, "num_microbatches": 5})
 
+
+def test_report_carries_the_dp_keys_and_no_training_loss(tmp_path):
+    from mpc_ft import report
+    from tests.test_report import make_report
+
+    privacy = dp.spend(DpConfig(enabled=True, target_epsilon=8.0), 1200, TrainConfig(epochs=3))
+    rep = make_report(epochs=3) | dp.report_keys(privacy.as_dict())
+    rep |= {"loss_mpc": [], "loss_plaintext": []}  # DP: nothing revealed during training
+    report.write_report(rep, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["dp_epsilon"] == privacy.epsilon <= 8.0 and saved["dp_delta"] == 1e-5
+    assert saved["noise_multiplier"] == privacy.noise_multiplier > 0
+    assert saved["max_grad_norm"] == 1.0 and saved["dp_steps"] == privacy.steps
+    assert "DP epsilon" in report.summary_table(rep)
+    report.plot_losses(rep, tmp_path)
+    with pytest.raises(ValueError, match="loss_mpc"):  # without DP, losses stay required
+        report.validate_report(rep | dp.report_keys(None))
+
+
+def test_demo_flag_makes_a_dp_job():
+    from mpc_ft.cli import _parser
+    from mpc_ft.launch import DemoOptions, build_job
+
+    args = _parser().parse_args(["demo", "--dp-epsilon", "8", "--dp-microbatches", "8"])
+    opts = DemoOptions(dp_epsilon=args.dp_epsilon, dp_microbatches=args.dp_microbatches)
+    job = build_job(opts, ("neg", "pos"))
+    assert job.dp == DpConfig(enabled=True, target_epsilon=8.0, num_microbatches=8)
+    assert not build_job(DemoOptions(), ("neg", "pos")).dp.enabled
+
+
+@pytest.mark.slow
+def test_dp_demo_end_to_end(tmp_path):
+    """mpc-ft demo --dp-epsilon 8: the report states the guarantee; nothing data-dependent is
+    revealed during training beyond the watchdog's check of the (already noised) parameters."""
+    from tests.test_demo import _demo
+
+    rep = _demo(tmp_path, "--train-size", "40", "--test-size", "20", "--dp-epsilon", "8",
+                "--dp-microbatches", "8")  # fmt: skip
+    assert 7.0 < rep["dp_epsilon"] <= 8.0 and rep["dp_delta"] == 1e-5
+    assert rep["noise_multiplier"] > 0 and rep["max_grad_norm"] == 1.0
+    assert rep["dp_steps"] == rep["steps"] == 2 and rep["dp_sample_rate"] == 32 / 40
+    assert rep["loss_mpc"] == [] == rep["loss_plaintext"]
+    assert [r["what"] for r in rep["reveals"]] == ["watchdog step 2", "test accuracy",
+                                                   "trained head"]  # fmt: skip

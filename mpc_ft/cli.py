@@ -81,6 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--cache", type=Path, help="feature cache (default: next to --out)")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=0.0,
+        help="DP-SGD on shares: calibrate the noise to this epsilon (delta 1e-5)",
+    )
+    demo.add_argument(
+        "--dp-microbatches",
+        type=int,
+        default=0,
+        help="DP microbatches per batch (default: per-example clipping)",
+    )
+    demo.add_argument(
+        "--dp-max-grad-norm",
+        type=float,
+        default=0.2,
+        help="DP clipping norm C (DP runs train at lr 0.15: README)",
+    )
 
     party = sub.add_parser("party", help="run one party of a job (one process per host)")
     infer = sub.add_parser(
@@ -159,6 +177,9 @@ def _demo(args: argparse.Namespace) -> None:
             mode=args.mode,
             rounds=args.rounds,
             local_epochs=args.local_epochs,
+            dp_epsilon=args.dp_epsilon,
+            dp_microbatches=args.dp_microbatches,
+            dp_max_grad_norm=args.dp_max_grad_norm,
         )
     )
 

@@ -150,6 +150,20 @@ class RevealConfig:
 
 
 @dataclass(frozen=True)
+class DpConfig:
+    """DP-SGD on shares (dp.py); README "Differential privacy". Off unless enabled."""
+
+    enabled: bool = False
+    # > 0: calibrate noise_multiplier to this epsilon (then leave noise_multiplier 0);
+    # 0: report the epsilon that noise_multiplier gives (noise_multiplier 0: clipping only)
+    target_epsilon: float = 0.0
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # C: every microbatch's mean gradient is clipped to L2 norm C
+    num_microbatches: int = 0  # per batch, as TF Privacy; 0: one per example (per-example)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str
     labels: tuple[str, ...]
@@ -160,6 +174,7 @@ class JobConfig:
     mpc: MpcConfig = field(default_factory=MpcConfig)
     reveal: RevealConfig = field(default_factory=RevealConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -291,6 +306,7 @@ def _validate(job: JobConfig) -> None:
             raise BadInput(f"{where}: train.{key} must be 0 (off) or a number of steps")
     _check_rendezvous(job)
     _check_federated(job)
+    _check_dp(job)
     if not 8 <= job.mpc.precision_bits <= 24:
         raise BadInput(f"{where}: mpc.precision_bits must be in [8, 24]")
 
@@ -309,6 +325,19 @@ def _check_federated(job: JobConfig) -> None:
     if job.train.mode == "federated" and job.reveal.head == "nobody":
         raise BadInput(f"{where}: reveal.head = 'nobody' cannot hold in federated mode, which "
                        "reveals the global head to every participant each round")  # fmt: skip
+
+
+def _check_dp(job: JobConfig) -> None:
+    dp, where = job.dp, f"job {job.name!r}: dp"
+    if min(dp.target_epsilon, dp.noise_multiplier, dp.num_microbatches) < 0:
+        raise BadInput(f"{where}.target_epsilon, noise_multiplier, num_microbatches must be >= 0")
+    if dp.target_epsilon > 0 and dp.noise_multiplier > 0:
+        raise BadInput(f"{where}: give target_epsilon or noise_multiplier, not both")
+    if not dp.max_grad_norm > 0 or not 0 < dp.delta < 1:
+        raise BadInput(f"{where}.max_grad_norm must be positive and dp.delta in (0, 1)")
+    if dp.num_microbatches and job.train.batch_size % dp.num_microbatches:
+        raise BadInput(f"{where}.num_microbatches {dp.num_microbatches} must divide "
+                       f"train.batch_size {job.train.batch_size}")  # fmt: skip
 
 
 def _check_rendezvous(job: JobConfig) -> None:

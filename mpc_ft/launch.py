@@ -29,6 +29,7 @@ from mpc_ft.config import NATIVE_HEAD, BackboneConfig, JobConfig, PartyConfig, j
 from mpc_ft.errors import BadInput, PeerFailure
 from mpc_ft.multiparty import free_port
 
+DP_LR = 0.15  # DP-SGD's clipped, noised steps want a larger rate (README "Differential privacy")
 OWNER_NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
 
 
@@ -47,6 +48,9 @@ class DemoOptions:
     layer: int | None = None  # None: 4 for the packaged MiniLM (measured best), else the last
     seed: int = 0
     head: str = "native"  # the MPC-native head (config.NATIVE_HEAD), or "exact"
+    dp_epsilon: float = 0.0  # > 0: DP-SGD on shares calibrated to this epsilon (dp.py)
+    dp_microbatches: int = 0  # DP microbatches per batch; 0: per-example clipping
+    dp_max_grad_norm: float = 0.2  # with DP_LR: benchmarks/dp_tradeoff.py (README)
     cache_dir: Path | None = None
     progress: bool = True
     mode: str = "mpc"  # or "federated": FedAvg rounds with MPC secure aggregation
@@ -137,13 +141,28 @@ def build_job(
             "labels": list(labels),
             "parties": [{"name": p.name, "roles": list(p.roles), "host": p.host} for p in parties],
             "backbone": {"path": opts.backbone, "max_tokens": opts.max_tokens, "layer": layer},
-            "train": {"epochs": opts.epochs, "seed": opts.seed, "mode": opts.mode},
+            "train": {"epochs": opts.epochs, "seed": opts.seed, "mode": opts.mode}
+            | ({"lr": DP_LR} if opts.dp_epsilon else {}),
             "federated": federated,
             "head": NATIVE_HEAD if opts.head == "native" else {},
             "mpc": {"rendezvous": f"tcp://127.0.0.1:{free_port()}"},
+            "dp": _dp_section(opts),
         },
         where="demo options",
     )
+
+
+def _dp_section(opts: DemoOptions) -> dict[str, Any]:
+    if opts.dp_epsilon < 0:
+        raise BadInput(f"--dp-epsilon {opts.dp_epsilon}: must be positive (0: no DP)")
+    if not opts.dp_epsilon:
+        return {}
+    return {
+        "enabled": True,
+        "target_epsilon": opts.dp_epsilon,
+        "num_microbatches": opts.dp_microbatches,
+        "max_grad_norm": opts.dp_max_grad_norm,
+    }
 
 
 def _pump(stream: IO[bytes], sinks: list[IO[bytes]]) -> None:
@@ -207,6 +226,7 @@ def party_command(job_file: Path, name: str, out: Path, cache: Path, extra: list
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """The whole local demo; returns the report (also written to opts.out)."""
     from mpc_ft import backbone, report
+    from mpc_ft.dp import report_keys as dp_report_keys
 
     start = time.perf_counter()
     _check_out(opts.out)
@@ -281,6 +301,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "head": job.to_dict()["head"],
             "reveals": first["reveals"],
             "mode": job.train.mode,
+            **dp_report_keys(first.get("privacy")),
         }
         if job.train.mode == "federated":
             fed = job.federated
@@ -335,6 +356,7 @@ def train_twin(
     """The plaintext twin: same features (from the owners' caches), head, init and batch order."""
     from mpc_ft import backbone, train
     from mpc_ft import head as head_def
+    from mpc_ft.dp import DpRun
     from mpc_ft.ops import TorchOps
 
     def features(shards: list[data_lib.LabelledTexts]) -> list[train.Dataset]:
@@ -365,6 +387,7 @@ def train_twin(
         params, history = train.train(
             params, train_set, head=job.head, train_cfg=job.train, ops=TorchOps,
             reveal_scalars=train.plaintext_reveal, progress=False,
+            dp=DpRun(job.dp, parties=len(job.compute_parties)),
         )  # fmt: skip
     seconds = time.perf_counter() - start
     accuracy = train.evaluate(

@@ -264,6 +264,7 @@ def _compute(
 ) -> dict[str, Any]:
     from mpc_ft import checkpoint, sharing, train
     from mpc_ft import head as head_def
+    from mpc_ft.dp import DpRun
     from mpc_ft.ops import MpcOps
 
     party = job.party(name)
@@ -332,6 +333,7 @@ def _compute(
         progress=files.progress,
         on_step=save,
         resume=resume,
+        dp=DpRun(job.dp, parties=len(job.compute_parties)),
     )
     seconds_train = time.perf_counter() - t2
     stats = compat.communication_stats()
@@ -372,4 +374,5 @@ def _compute(
         "bytes_sent": stats["bytes"],
         "rounds": stats["rounds"],
         "reveals": revealer.log,
+        "privacy": history.privacy,
     }

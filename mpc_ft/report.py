@@ -45,8 +45,12 @@ _INT_MINIMUM = {"train_examples": 0, "test_examples": 0, "num_classes": 2, "epoc
 _ACCURACY_KEYS = ("accuracy_mpc", "accuracy_plaintext")
 _SECONDS_KEYS = tuple(key for key in REQUIRED_KEYS if key.startswith("seconds_"))
 _COUNT_KEYS = ("bytes_sent_per_party", "rounds_per_party")
-# Per-epoch lists: the losses are required, the per-epoch accuracies are optional extras.
+# Per-epoch lists: the losses are required, the per-epoch accuracies are optional extras. Under
+# DP (dp_epsilon set) they may be empty: no training metric is revealed (dp.py).
 _EPOCH_LIST_KEYS = ("loss_mpc", "loss_plaintext") + tuple(f"{k}_per_epoch" for k in _ACCURACY_KEYS)
+# Optional DP keys (dp.report_keys): all None without DP; under DP numbers, except dp_epsilon,
+# None when the gradients are clipped but not noised (no guarantee; strict JSON has no inf).
+_DP_NUMBER_KEYS = ("dp_epsilon", "dp_delta", "noise_multiplier", "max_grad_norm")
 
 
 def _is_int(value: Any) -> bool:
@@ -102,6 +106,13 @@ def validate_report(report: Mapping[str, Any]) -> None:
     for key in _SECONDS_KEYS:
         if not _is_number(report[key]) or report[key] < 0:
             raise _bad(key, "a float >= 0", report[key])
+    for key in _DP_NUMBER_KEYS:
+        value = report.get(key)
+        if value is None:
+            continue
+        if not _is_number(value) or value < 0:
+            raise _bad(key, "None or a number >= 0", value)
+    dp = report.get("max_grad_norm") is not None
     epochs = report["epochs"]
     for key in _EPOCH_LIST_KEYS:
         if key not in report:
@@ -109,7 +120,7 @@ def validate_report(report: Mapping[str, Any]) -> None:
         values = report[key]
         if not isinstance(values, list) or not all(_is_number(v) for v in values):
             raise _bad(key, "a list of finite floats", values)
-        if len(values) != epochs:
+        if len(values) != epochs and not (dp and values == []):
             raise ValueError(
                 f"report key {key!r}: has {len(values)} values, expected one per epoch ({epochs})"
             )
@@ -159,6 +170,10 @@ def _basename(name: str) -> str:
     return stripped.replace("\\", "/").rsplit("/", 1)[-1] or name
 
 
+def _last_loss(losses: list[float]) -> str:
+    return f"{losses[-1]:.4f}" if losses else "- (DP)"
+
+
 def _percent(accuracy: float) -> str:
     return f"{100 * accuracy:.1f}%"
 
@@ -179,9 +194,16 @@ def summary_table(report: Mapping[str, Any]) -> str:
     mpc_s, plain_s = report["seconds_mpc_train"], report["seconds_plaintext_train"]
     rows: list[tuple[str, str, str]] = [
         ("Accuracy", _percent(report["accuracy_mpc"]), _percent(report["accuracy_plaintext"])),
-        ("Final loss", f"{report['loss_mpc'][-1]:.4f}", f"{report['loss_plaintext'][-1]:.4f}"),
+        ("Final loss", _last_loss(report["loss_mpc"]), _last_loss(report["loss_plaintext"])),
         ("Training time (s)", f"{mpc_s:.1f}", f"{plain_s:.1f}"),
     ]
+    if report.get("max_grad_norm") is not None:
+        eps = "none (no noise)"
+        if report["dp_epsilon"] is not None:
+            eps = f"{report['dp_epsilon']:.2f}, delta {report['dp_delta']:g}"
+        rows.append(("DP epsilon", eps, eps))
+        rows.append(("DP noise, clip", f"{report['noise_multiplier']:.3f}, "
+                     f"{report['max_grad_norm']:g}", "same"))  # fmt: skip
     sent, rounds = report["bytes_sent_per_party"], report["rounds_per_party"]
     names = [party["name"] for party in report["parties"]]
     names += sorted((set(sent) | set(rounds)) - set(names))
@@ -219,8 +241,11 @@ def plot_losses(report: Mapping[str, Any], out_dir: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:
         # The twin is drawn dashed and thinner on top, so both show even when the curves overlap.
-        ax.plot(epochs, report["loss_mpc"], "o-" if few else "-", ms=7, lw=2.2, label="MPC")
-        ax.plot(epochs, report["loss_plaintext"], "s--" if few else "--", ms=4, label="Plaintext")
+        if report["loss_mpc"]:  # empty under DP: nothing revealed during training
+            ax.plot(epochs, report["loss_mpc"], "o-" if few else "-", ms=7, lw=2.2, label="MPC")
+        if report["loss_plaintext"]:
+            ax.plot(epochs, report["loss_plaintext"], "s--" if few else "--", ms=4,
+                    label="Plaintext")  # fmt: skip
         if len(epochs) <= 12:  # MaxNLocator falls back to fractions on very short ranges
             ax.set_xticks(epochs)
         else:
@@ -234,7 +259,8 @@ def plot_losses(report: Mapping[str, Any], out_dir: str | Path) -> Path:
             f"{_percent(report['accuracy_plaintext'])}"
         )
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
         fig.tight_layout()
         return _atomic_write(Path(out_dir) / "loss.png", lambda tmp: fig.savefig(tmp, format="png"))
     finally:

@@ -102,7 +102,11 @@ def declared_reveals(job: JobConfig, *, has_test: bool) -> list[dict[str, Any]]:
     dealer takes part in no reveal. `Revealer` refuses anything else."""
     from mpc_ft.head import param_shapes
 
-    policy = [{"what": f"epoch {e + 1}", "to": "all", "count": 2} for e in range(job.train.epochs)]
+    policy = [
+        {"what": f"epoch {e + 1}", "to": "all", "count": 2}
+        for e in range(job.train.epochs)
+        if not job.dp.enabled
+    ]  # under DP nothing per epoch: the accountant covers no such reveal
     if has_test:
         policy.append({"what": "test accuracy", "to": "all", "count": 1})
     if job.reveal.head == "model_owner":

@@ -53,6 +53,7 @@ class History:
     accuracy: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     steps: int = 0
+    privacy: dict[str, Any] | None = None  # DP mode: dp.PrivacySpend.as_dict()
 
 
 @dataclass
@@ -127,6 +128,7 @@ def train(
     progress: bool = False,
     on_step: Callable[[TrainState], None] | None = None,
     resume: TrainState | None = None,
+    dp: Any = None,
 ) -> tuple[dict[str, Any], History]:
     """Train for train_cfg.epochs; returns the final parameters and the revealed history.
 
@@ -134,8 +136,21 @@ def train(
     an epoch's last step, once its metrics are revealed); `resume` continues from such a state
     (its step is the data cursor: the batch order is public), ignoring `params`. Every
     train_cfg.watchdog_every steps the parameters are checked (watchdog.py); a failed check
-    rolls back to the last state that passed and retries those steps."""
+    rolls back to the last state that passed and retries those steps.
+
+    dp (a dp.DpRun whose config is enabled): DP-SGD steps (dp.py); no per-epoch loss or
+    accuracy is computed or revealed (the accountant does not cover them), and a failed
+    watchdog check stops training instead of retrying (a retry would spend unaccounted steps)."""
     from mpc_ft import watchdog
+
+    if dp is not None and not dp.config.enabled:
+        dp = None
+    privacy = None
+    if dp is not None:
+        from mpc_ft import dp as dp_lib
+
+        privacy = dp_lib.spend(dp.config, len(data), train_cfg)
+        dp_lib.warn_if_not_private(privacy)
 
     state = resume or TrainState({k: ops.leaf(v) for k, v in params.items()})
     n = len(data)
@@ -157,20 +172,27 @@ def train(
             )
             bar_epoch = epoch
         x, mask, y, inv_count = data.batch(batches[i], ops)
-        state.params, state.velocity, logits, terms = train_step(
-            state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
-            inv_count=inv_count,
-        )  # fmt: skip
-        state.seen.append((logits, y, *terms))
+        if privacy is None:
+            state.params, state.velocity, logits, terms = train_step(
+                state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
+                inv_count=inv_count,
+            )  # fmt: skip
+            state.seen.append((logits, y, *terms))
+        else:
+            state.params, state.velocity = dp_lib.train_step(
+                state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
+                run=dp, privacy=privacy, inv_count=inv_count,
+            )  # fmt: skip
         state.step += 1
         state.history.steps = state.step
+        state.history.privacy = privacy.as_dict() if privacy else None
         bar.update(1)
         every = train_cfg.watchdog_every
         if every and (state.step % every == 0 or state.step == total):
             bad = watchdog.out_of_range(state.params, ops, reveal_scalars, state.step)
             if bad:
                 retries += 1
-                if retries > watchdog.MAX_RETRIES:
+                if retries > watchdog.MAX_RETRIES or privacy is not None:
                     raise watchdog.Overflow(watchdog.advice(bad, state.step, retries - 1))
                 tqdm.write(f"{ops.name}: overflow in {', '.join(bad)} at step {state.step}; "
                            f"rolling back to step {good.step} and retrying")  # fmt: skip
@@ -182,6 +204,14 @@ def train(
                 on_step(state)
             continue
         history = state.history  # the epoch's metrics, batched: one log and one argmax per epoch
+        if privacy is not None:  # DP: nothing data-dependent beyond the accounted steps
+            history.seconds.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            if every:
+                good = _snapshot(state, ops)
+            if on_step:
+                on_step(state)
+            continue
         with ops.no_grad():
             logits, labels, offsets, totals = (list(c) for c in zip(*state.seen, strict=True))
             loss_sum = ops.loss_sum(offsets, totals)

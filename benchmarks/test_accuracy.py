@@ -11,17 +11,16 @@ epochs, batch 32, SGD lr 0.02 momentum 0.9). Quick: 200 / 100 examples, 1 seed.
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import workloads
 from benchmarks.measure import pick
 from benchmarks.rows import write_row
 from benchmarks.workloads import NATIVE
-from mpc_ft import backbone, train
-from mpc_ft import data as data_lib
 from mpc_ft import head as head_def
+from mpc_ft import train
 from mpc_ft.config import HeadConfig, TrainConfig
 from mpc_ft.multiparty import run_multiparty
 from mpc_ft.ops import MpcOps, TorchOps
@@ -32,21 +31,8 @@ HEADS = {"exact": HeadConfig(), "native": HeadConfig(**NATIVE)}
 
 @pytest.fixture(scope="module")
 def rotten_tomatoes() -> tuple[train.Dataset, train.Dataset]:
-    full = data_lib.load_rotten_tomatoes()
-    pool, held_out = data_lib.split_by_group(full, test_fraction=0.2, seed=0)
-    texts = {"train": data_lib.stratified_sample(pool, TRAIN_SIZE, 0),
-             "test": held_out if TEST_SIZE is None
-             else data_lib.stratified_sample(held_out, TEST_SIZE, 0)}  # fmt: skip
-    labels = data_lib.label_names(texts["train"])
-    out = []
-    for part in ("train", "test"):
-        x, mask = backbone.extract_features(
-            texts[part].texts, backbone=backbone.default_backbone_path(), layer=4,
-            max_tokens=32, cache_dir=Path(__file__).parent / ".cache", progress=False,
-        )  # fmt: skip
-        y = data_lib.one_hot(data_lib.encode_labels(texts[part], labels), len(labels))
-        out.append(train.Dataset.counted(x, mask, y))
-    return out[0], out[1]
+    train_set, test_set, _ = workloads.rotten_tomatoes(TRAIN_SIZE, TEST_SIZE)
+    return train_set, test_set
 
 
 def _twin(head: HeadConfig, data: tuple[train.Dataset, train.Dataset], seed: int) -> float:

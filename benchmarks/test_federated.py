@@ -20,16 +20,15 @@ party are CrypTen's counters over the same span.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from benchmarks import workloads
 from benchmarks.measure import pick
 from benchmarks.rows import write_row
-from mpc_ft import backbone, federated, train
-from mpc_ft import data as data_lib
+from mpc_ft import federated, train
 from mpc_ft import head as head_def
 from mpc_ft.config import JobConfig
 from mpc_ft.launch import DemoOptions, build_job
@@ -45,20 +44,7 @@ MAJORITY = 0.8  # non-IID: an owner's share of its majority label
 
 @pytest.fixture(scope="module")
 def rotten_tomatoes() -> tuple[train.Dataset, train.Dataset, tuple[str, ...]]:
-    full = data_lib.load_rotten_tomatoes()
-    pool, held_out = data_lib.split_by_group(full, test_fraction=0.2, seed=0)
-    texts = {"train": data_lib.stratified_sample(pool, TRAIN_SIZE, 0),
-             "test": data_lib.stratified_sample(held_out, TEST_SIZE, 0)}  # fmt: skip
-    labels = data_lib.label_names(texts["train"])
-    out = []
-    for part in ("train", "test"):
-        x, mask = backbone.extract_features(
-            texts[part].texts, backbone=backbone.default_backbone_path(), layer=4,
-            max_tokens=32, cache_dir=Path(__file__).parent / ".cache", progress=False,
-        )  # fmt: skip
-        y = data_lib.one_hot(data_lib.encode_labels(texts[part], labels), len(labels))
-        out.append(train.Dataset.counted(x, mask, y))
-    return out[0], out[1], labels
+    return workloads.rotten_tomatoes(TRAIN_SIZE, TEST_SIZE)
 
 
 def split_indices(labels: torch.Tensor, owners: int, kind: str, seed: int = 0) -> list[list[int]]:

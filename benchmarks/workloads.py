@@ -147,3 +147,33 @@ def component_run(inputs: dict[str, Any], ops: Any, timer: Any, *, component: st
     with timer("backward"):
         if component != "cross_entropy":
             out.backward(inputs["g"])
+
+
+# --- Rotten Tomatoes features, cached (benchmarks/.cache), for the accuracy-type cases ---------
+
+
+def rotten_tomatoes(train_size: int, test_size: int | None
+                    ) -> tuple[train.Dataset, train.Dataset, tuple[str, ...]]:  # fmt: skip
+    """The demo's split by movie; a stratified sample of each part (test_size None: the whole
+    held-out pool); the default backbone's layer-4 features, 32 tokens. Returns train, test and
+    the label names."""
+    from pathlib import Path
+
+    from mpc_ft import backbone
+    from mpc_ft import data as data_lib
+
+    full = data_lib.load_rotten_tomatoes()
+    pool, held_out = data_lib.split_by_group(full, test_fraction=0.2, seed=0)
+    texts = {"train": data_lib.stratified_sample(pool, train_size, 0),
+             "test": held_out if test_size is None
+             else data_lib.stratified_sample(held_out, test_size, 0)}  # fmt: skip
+    labels = data_lib.label_names(texts["train"])
+    out = []
+    for part in ("train", "test"):
+        x, mask = backbone.extract_features(
+            texts[part].texts, backbone=backbone.default_backbone_path(), layer=4,
+            max_tokens=32, cache_dir=Path(__file__).parent / ".cache", progress=False,
+        )  # fmt: skip
+        y = data_lib.one_hot(data_lib.encode_labels(texts[part], labels), len(labels))
+        out.append(train.Dataset.counted(x, mask, y))
+    return out[0], out[1], labels

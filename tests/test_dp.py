@@ -278,3 +278,29 @@ def test_dp_demo_end_to_end(tmp_path):
     assert rep["loss_mpc"] == [] == rep["loss_plaintext"]
     assert [r["what"] for r in rep["reveals"]] == ["watchdog step 2", "test accuracy",
                                                    "trained head"]  # fmt: skip
+
+
+def test_an_overflow_under_dp_stops_at_once_instead_of_rolling_back():
+    """Under DP a watchdog failure stops training (a retry would spend steps the accountant does
+    not count); without DP the same run rolls back, retries twice, then stops."""
+    from mpc_ft import watchdog
+
+    x, mask, y = _batch(n=8, seed=5)
+    data = train.Dataset(x, mask, y)
+    params = head_def.init_params(HEAD, D_IN, 2, seed=1)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e9, momentum=0.0, seed=3, watchdog_every=1)
+    seen = []
+
+    def reveal(values, what):
+        seen.append(what)
+        return train.plaintext_reveal(values, what)
+
+    run = dp.DpRun(DpConfig(enabled=True, max_grad_norm=1.0, noise_multiplier=1.0), parties=2)
+    with pytest.raises(watchdog.Overflow, match="at step 1, again after 0 rollback"):
+        train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
+                    reveal_scalars=reveal, dp=run)  # fmt: skip
+    assert seen.count("watchdog step 1") == 2  # the count, then the flags: no retry
+    seen.clear()
+    with pytest.raises(watchdog.Overflow, match="again after 2 rollback"):
+        train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps, reveal_scalars=reveal)
+    assert seen.count("watchdog step 1") == 6  # three tries of count and flags

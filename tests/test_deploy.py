@@ -235,7 +235,8 @@ def test_hosts_in_their_own_network_namespaces_over_a_shaped_link(world, loopbac
     here, there = (json.loads((out / "alice" / "parties" / "alice.json").read_text())
                    for out in (tmp_path, loop_out))  # fmt: skip
     assert here["test_accuracy"] == pytest.approx(there["test_accuracy"], abs=1 / 16 + 1e-9)
-    assert here["loss"] == pytest.approx(there["loss"], abs=2e-3)
+    # two MPC runs, each within ~2e-3 of the twin (README "Known limits"): up to twice that apart
+    assert here["loss"] == pytest.approx(there["loss"], abs=5e-3)
     netns_head = HeadModule.load(tmp_path / "carol" / "head").state_dict()
     loop_head = HeadModule.load(loop_out / "carol" / "head").state_dict()
     for name, value in loop_head.items():

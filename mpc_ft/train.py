@@ -204,29 +204,22 @@ def train(
                 on_step(state)
             continue
         history = state.history  # the epoch's metrics, batched: one log and one argmax per epoch
-        if privacy is not None:  # DP: nothing data-dependent beyond the accounted steps
-            history.seconds.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            if every:
-                good = _snapshot(state, ops)
-            if on_step:
-                on_step(state)
-            continue
-        with ops.no_grad():
-            logits, labels, offsets, totals = (list(c) for c in zip(*state.seen, strict=True))
-            loss_sum = ops.loss_sum(offsets, totals)
-            correct = ops.correct(ops.cat(logits), ops.cat(labels))
-        total_loss, total_correct = reveal_scalars([loss_sum, correct], f"epoch {epoch + 1}")
-        state.seen = []
-        history.loss.append(total_loss / n)
-        history.accuracy.append(total_correct / n)
+        if privacy is None:  # under DP nothing data-dependent beyond the accounted steps
+            with ops.no_grad():
+                logits, labels, offsets, totals = (list(c) for c in zip(*state.seen, strict=True))
+                loss_sum = ops.loss_sum(offsets, totals)
+                correct = ops.correct(ops.cat(logits), ops.cat(labels))
+            total_loss, total_correct = reveal_scalars([loss_sum, correct], f"epoch {epoch + 1}")
+            state.seen = []
+            history.loss.append(total_loss / n)
+            history.accuracy.append(total_correct / n)
         history.seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         if every:
             good = _snapshot(state, ops)
         if on_step:
             on_step(state)
-        if progress:
+        if progress and privacy is None:
             tqdm.write(
                 f"{ops.name} epoch {epoch + 1}: loss {history.loss[-1]:.4f}, "
                 f"train accuracy {history.accuracy[-1]:.3f}, {history.seconds[-1]:.1f} s"

@@ -24,16 +24,17 @@ from mpc_ft import backbone, train
 from mpc_ft import data as data_lib
 from mpc_ft import head as head_def
 from mpc_ft.config import NATIVE_HEAD, DpConfig, HeadConfig, TrainConfig
-from mpc_ft.dp import DpRun
+from mpc_ft.dp import DpRun, spend
 from mpc_ft.ops import MpcOps, TorchOps
+from mpc_ft.sampling import PoissonBatches
 
 HERE = Path(__file__).parent
 HEAD = HeadConfig(**NATIVE_HEAD)
 
 
-def rotten_tomatoes(train_size: int, test_size: int) -> tuple[train.Dataset, train.Dataset]:
-    """The demo's data exactly (launch.prepare_data, sharded over alice and bob, concatenated):
-    its twin trains on the same rows in the same order as the parties."""
+def rotten_tomatoes(train_size: int, test_size: int) -> tuple[list[train.Dataset], train.Dataset]:
+    """The demo's data exactly (launch.prepare_data): the training set as its two owners
+    (alice, bob) hold it, and the pooled held-out set."""
     from mpc_ft.launch import DemoOptions, prepare_data
 
     texts, held_out, _ = prepare_data(DemoOptions(train_size=train_size, test_size=test_size))
@@ -47,40 +48,79 @@ def rotten_tomatoes(train_size: int, test_size: int) -> tuple[train.Dataset, tra
                 max_tokens=32, cache_dir=HERE / ".cache", progress=False,
             )  # fmt: skip
             y = data_lib.one_hot(data_lib.encode_labels(shard, labels), len(labels))
-            pieces.append((x, mask, y))
-        out.append(train.Dataset.counted(*(torch.cat(t) for t in zip(*pieces, strict=True))))
-    return out[0], out[1]
+            pieces.append(train.Dataset.counted(x, mask, y))
+        out.append(pieces)
+    test = train.Dataset(*(torch.cat([getattr(p, f) for p in out[1]])
+                           for f in ("x", "mask", "y", "inv_count")))  # fmt: skip
+    return out[0], test
+
+
+def _pooled(owners: list[train.Dataset]) -> train.Dataset:
+    return train.Dataset(*(torch.cat([getattr(p, f) for p in owners])
+                           for f in ("x", "mask", "y", "inv_count")))  # fmt: skip
 
 
 def twin(data, cfg: TrainConfig, dp: DpConfig | None) -> tuple[float, dict | None]:
-    params = head_def.init_params(HEAD, data[0].x.size(2), 2, cfg.seed)
-    run = DpRun(dp, parties=2) if dp else None
-    params, history = train.train(params, data[0], head=HEAD, train_cfg=cfg, ops=TorchOps,
+    """The twin: without DP on the pooled data (public order); with DP on the owners' Poisson
+    batches (sampling.py), the same slots as under MPC."""
+    owners, test = data
+    params = head_def.init_params(HEAD, test.x.size(2), 2, cfg.seed)
+    source, run = _pooled(owners), None
+    if dp:
+        privacy = spend(dp, [len(o) for o in owners], cfg)
+        source = PoissonBatches.plain(owners, privacy.slots, privacy.sample_rate, seed=cfg.seed)
+        run = DpRun(dp, parties=2)
+    params, history = train.train(params, source, head=HEAD, train_cfg=cfg, ops=TorchOps,
                                   reveal_scalars=train.plaintext_reveal, dp=run)  # fmt: skip
-    accuracy = train.evaluate(params, data[1], head=HEAD, batch_size=256, ops=TorchOps,
+    accuracy = train.evaluate(params, test, head=HEAD, batch_size=256, ops=TorchOps,
                               reveal_scalars=train.plaintext_reveal)  # fmt: skip
     return accuracy, history.privacy
 
 
 def _mpc_party(rank, data, cfg, dp):
+    """alice (rank 0) and bob (rank 1) own the training halves (bob also the model); under DP
+    each shares its own Poisson batches, without DP both halves are shared up front."""
     import crypten
 
     from mpc_ft.sharing import share
 
+    owners, test = data
     ops = MpcOps(crypten)
-    shared = [train.Dataset(*(share(crypten, t, tuple(t.shape), 0)
-                              for t in (d.x, d.mask, d.y, d.inv_count))) for d in data]  # fmt: skip
-    init = head_def.init_params(HEAD, data[0].x.size(2), 2, cfg.seed)
+
+    def share_all(d: train.Dataset, src: int) -> train.Dataset:
+        return train.Dataset(*(share(crypten, t, tuple(t.shape), src)
+                               for t in (d.x, d.mask, d.y, d.inv_count)))  # fmt: skip
+
+    shared_test = share_all(test, 0)
+    init = head_def.init_params(HEAD, test.x.size(2), 2, cfg.seed)
     params = {k: share(crypten, v, tuple(v.shape), 1) for k, v in init.items()}
+    if dp:
+        privacy = spend(dp, [len(o) for o in owners], cfg)
+        source = PoissonBatches(
+            [(r, len(o), o if r == rank else None) for r, o in enumerate(owners)],
+            privacy.slots, privacy.sample_rate, (test.x.size(1), test.x.size(2), 2),
+            share=lambda v, shape, src: share(crypten, v, shape, src),
+        )  # fmt: skip
+    else:
+        halves = [share_all(o, r) for r, o in enumerate(owners)]
+        source = train.Dataset(*(crypten.cat([getattr(h, f) for h in halves])
+                                 for f in ("x", "mask", "y", "inv_count")))  # fmt: skip
 
     def reveal(values, what):
         return [float(v) for v in crypten.stack([v.reshape(1) for v in values]).get_plain_text()]
 
     start = time.perf_counter()
-    params, history = train.train(params, shared[0], head=HEAD, train_cfg=cfg, ops=ops,
-                                  reveal_scalars=reveal, dp=DpRun(dp, parties=2))  # fmt: skip
+    params, history = train.train(
+        params,
+        source,
+        head=HEAD,
+        train_cfg=cfg,
+        ops=ops,
+        reveal_scalars=reveal,
+        dp=DpRun(dp, parties=2) if dp else None,
+    )
     seconds = time.perf_counter() - start
-    accuracy = train.evaluate(params, shared[1], head=HEAD, batch_size=256, ops=ops,
+    accuracy = train.evaluate(params, shared_test, head=HEAD, batch_size=256, ops=ops,
                               reveal_scalars=reveal)  # fmt: skip
     return accuracy, history.privacy, seconds
 

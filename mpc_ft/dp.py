@@ -2,38 +2,40 @@
 (epsilon, delta)-DP and no party ever sees an unclipped or un-noised gradient.
 
 One DP-SGD step (the same code on TorchOps for the twin and on MpcOps under CrypTen):
-1. Split the batch (a public, seeded order) into microbatches of m consecutive rows
-   (dp.num_microbatches per batch as in TF Privacy; 0: m = 1, per-example clipping).
-2. Per microbatch j: forward and backward on fresh leaves -> g_j, the gradient of the
-   microbatch's summed loss over all head parameters (shares).
-3. u_j = |g_j|^2 / (C m_j)^2 on shares (C = max_grad_norm), for all microbatches at once.
+1. The batch: every data owner's slots, a Poisson sample of its examples drawn in private,
+   the other slots public dummies of weight 0 (sampling.py); rows and weights are shares.
+2. One forward and backward pass with a copy of every parameter per clipping unit (ops.
+   PerUnitOps): a unit is one example (dp.num_microbatches = 0) or a microbatch of m
+   consecutive slots. Each row's loss gradient is multiplied by its weight, so a dummy
+   contributes nothing -> g_j, unit j's summed gradient over all head parameters (shares).
+3. u_j = |g_j|^2 / C^2 on shares (C = max_grad_norm), for all units at once.
 4. Clip factor on shares: f_j = min(1, 1/sqrt(u_j)) = inv_sqrt(max(u_j, 1)), the inverse square
    root by Newton steps from a public start over the public range [1, CLIP_RANGE]
    (`inv_sqrt_in_range`: CrypTen's inv_sqrt diverges above 100 and has no autograd; we are
-   outside autograd). The max and the range test are one batched comparison. A microbatch with
-   u_j > CLIP_RANGE (gradient norm above sqrt(CLIP_RANGE) C m_j) gets f_j = 0: dropping it
+   outside autograd). The max and the range test are one batched comparison. A unit with
+   u_j > CLIP_RANGE (gradient norm above sqrt(CLIP_RANGE) C) gets f_j = 0: dropping it
    keeps its contribution's norm <= C, so the guarantee holds.
-5. G = sum_j g_j (m / m_j) f_j + m N: m times the sum of the clipped microbatch-mean gradients
-   plus m times the joint noise N ~ N(0, sigma^2 C^2) per coordinate (see `joint_noise`).
-6. SGD (train.sgd_step) on G with rows = k m: the mean over the k microbatches, as TF Privacy's
-   DP optimizers take it (for m = 1: Opacus's per-sample clipping, summed, noised, / B).
+5. G = sum_j f_j g_j + N, N ~ N(0, (sigma S)^2) per coordinate (joint noise, below), with S
+   the sensitivity: C per example; 2C per microbatch (adding one example to a microbatch can
+   move its clipped sum from one point of the C-ball to the opposite one).
+6. SGD (train.sgd_step) on G / train.batch_size: the expected batch size, as Opacus divides.
 
-Joint noise: each of the P computing parties draws a Gaussian of variance (sigma C)^2 / (P - 1)
+Joint noise: each of the P computing parties draws a Gaussian of variance (sigma S)^2 / (P - 1)
 from os.urandom and secret-shares it (src = its rank); the parties add the shares. Any one party
-knows its own draw; the other P - 1 draws, unknown to it, still sum to variance (sigma C)^2.
+knows its own draw; the other P - 1 draws, unknown to it, still sum to variance (sigma S)^2.
 Accounting (`spend`) uses sigma, the multiplier against any single (non-colluding) party; the
 total noise is sqrt(P / (P - 1)) times larger. The twin draws the same P terms in the clear.
 
 Accounting: Opacus's RDP accountant (kept library; no formula here) for `steps` steps of the
-subsampled Gaussian mechanism at sample rate q = batch_size / N. It assumes Poisson sampling;
-the loop uses a seeded shuffle into fixed-size batches, which is treated as Poisson sampling (the
-common practice, which can under-state epsilon; README "Differential privacy").
+Poisson-subsampled Gaussian mechanism at sample rate q = train.batch_size / N, which is what
+sampling.py runs, plus the slot overflow's share of delta (sampling.py's module docstring).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,12 +45,14 @@ import torch
 from mpc_ft import head as head_def
 from mpc_ft.config import DpConfig, HeadConfig, TrainConfig
 from mpc_ft.errors import BadInput
+from mpc_ft.ops import PerUnitOps, unflatten, units
 
-CLIP_RANGE = 2.0**20  # largest |g|^2 / (C m)^2 clipped exactly; beyond it a microbatch is dropped
+CLIP_RANGE = 2.0**20  # largest |g|^2 / C^2 clipped exactly; beyond it a unit is dropped
 # RDP orders for the accountant: Opacus's defaults stop at 63, too low for few steps at a small
 # sample rate ("optimal order is the largest alpha"), which over-states epsilon
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 256, 512]
 CLIP_TOL = 1e-3  # relative error of the Newton inverse square root (in exact arithmetic)
+OVERFLOW_SHARE = 0.01  # of delta, for more examples drawn than an owner has slots (sampling.py)
 
 
 @dataclass(frozen=True)
@@ -64,18 +68,22 @@ class PrivacySpend:
     """The accountant's answer for one training run (report.json's dp_* keys)."""
 
     epsilon: float
-    delta: float
+    delta: float  # the whole delta: the accountant's (1 - OVERFLOW_SHARE) plus the overflow's
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
     steps: int
     microbatch_size: int
-    # Against an adversary who knows the batch order (its seed is in the job file): no
-    # amplification by sampling; each example is in exactly `epochs` steps, so the same
-    # accountant over `epochs` steps at sample rate 1
-    epsilon_public_order: float = math.inf
+    slots: tuple[int, ...] = ()  # per data owner, in rank order (sampling.py)
+    overflow_probability: float = 0.0  # of any owner drawing more than its slots, any step
     accountant: str = "rdp (opacus)"
-    sampling: str = "shuffled fixed-size batches, accounted as Poisson sampling"
+    sampling: str = ("poisson, drawn by each data owner in private into fixed slots padded "
+                     "with dummies of secret weight 0")  # fmt: skip
+
+    @property
+    def sensitivity(self) -> float:
+        """One example's largest effect on the clipped sum: C per example, 2C per microbatch."""
+        return self.max_grad_norm * (1 if self.microbatch_size == 1 else 2)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,31 +96,46 @@ def steps_of(n: int, train_cfg: TrainConfig) -> int:
     return -(-n // train_cfg.batch_size) * train_cfg.epochs
 
 
-def spend(cfg: DpConfig, n: int, train_cfg: TrainConfig) -> PrivacySpend:
+def spend(cfg: DpConfig, counts: int | Sequence[int], train_cfg: TrainConfig) -> PrivacySpend:
     """Epsilon for cfg.noise_multiplier, or the noise multiplier calibrated to
-    cfg.target_epsilon, for n training examples and train_cfg's batches and epochs."""
+    cfg.target_epsilon, and each data owner's slots, for owners holding `counts` examples
+    (public) and train_cfg's expected batch size and epochs. The accountant gets
+    (1 - OVERFLOW_SHARE) of delta; the slots are sized so that the overflow's part,
+    (1 + e^epsilon) * P(any overflow), stays within the rest."""
     from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import get_noise_multiplier
 
+    from mpc_ft.sampling import overflow_probability, slots_for
+
+    counts = [counts] if isinstance(counts, int) else list(counts)
+    n = sum(counts)
     q = min(1.0, train_cfg.batch_size / n)
     steps = steps_of(n, train_cfg)
+    m = microbatch_size(cfg, train_cfg)
+    accountant_delta = cfg.delta * (1 - OVERFLOW_SHARE)
     sigma = cfg.noise_multiplier
     if cfg.target_epsilon > 0:
         sigma = get_noise_multiplier(
-            target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=q,
+            target_epsilon=cfg.target_epsilon, target_delta=accountant_delta, sample_rate=q,
             steps=steps, accountant="rdp", alphas=RDP_ORDERS,
         )  # fmt: skip
-    epsilon = public_order = math.inf
+    epsilon = math.inf
     if sigma > 0:
         accountant = RDPAccountant()
         accountant.history = [(sigma, q, steps)]
-        epsilon = accountant.get_epsilon(delta=cfg.delta, alphas=RDP_ORDERS)
-        accountant.history = [(sigma, 1.0, train_cfg.epochs)]
-        public_order = accountant.get_epsilon(delta=cfg.delta, alphas=RDP_ORDERS)
+        epsilon = accountant.get_epsilon(delta=accountant_delta, alphas=RDP_ORDERS)
+    blowup = 1 + math.exp(min(epsilon, 700.0))  # delta' = delta + (1 + e^eps) * P(overflow)
+    per_step = OVERFLOW_SHARE * cfg.delta / (blowup * steps * len(counts))
+    slots = [nk if q >= 1 else slots_for(nk, q, per_step) for nk in counts]
+    slots[-1] += -sum(slots) % m  # whole microbatches
+    overflow = min(1.0, steps * sum(overflow_probability(nk, q, s) for nk, s in
+                                    zip(counts, slots, strict=True)))  # fmt: skip
+    if sigma > 0:  # the guarantee: (epsilon, cfg.delta), both parts of delta within it
+        assert accountant_delta + blowup * overflow <= cfg.delta * (1 + 1e-9), (overflow, slots)
     return PrivacySpend(
         epsilon=float(epsilon), delta=cfg.delta, noise_multiplier=float(sigma),
-        max_grad_norm=cfg.max_grad_norm, sample_rate=q, steps=steps,
-        microbatch_size=microbatch_size(cfg, train_cfg), epsilon_public_order=float(public_order),
+        max_grad_norm=cfg.max_grad_norm, sample_rate=q, steps=steps, microbatch_size=m,
+        slots=tuple(slots), overflow_probability=overflow,
     )  # fmt: skip
 
 
@@ -163,8 +186,8 @@ def _is_positive(x: Any) -> Any:
 
 
 def clip_factors(sq_norms: Any, bounds_sq: torch.Tensor) -> Any:
-    """sq_norms [k] (shares), bounds_sq [k] (public (C m_j)^2) -> min(1, bound / norm) [k];
-    0 where norm^2 > CLIP_RANGE bound^2 (the microbatch is dropped, see the module docstring)."""
+    """sq_norms [k] (shares), bounds_sq [k] (public C^2) -> min(1, bound / norm) [k];
+    0 where norm^2 > CLIP_RANGE bound^2 (the unit is dropped, see the module docstring)."""
     u = sq_norms * (1.0 / bounds_sq)
     bits = _is_positive(_stack([u - 1.0, u * -1.0 + CLIP_RANGE]))  # one batched comparison
     over, inside = bits.narrow(0, 0, 1).reshape(-1), bits.narrow(0, 1, 1).reshape(-1)
@@ -181,12 +204,12 @@ def _stack(values: list[Any]) -> Any:
     return crypten.stack(values)
 
 
-def _cat(values: list[Any]) -> Any:
+def _cat(values: list[Any], dim: int = 0) -> Any:
     if isinstance(values[0], torch.Tensor):
-        return torch.cat(values)
+        return torch.cat(values, dim)
     import crypten
 
-    return crypten.cat(values)
+    return crypten.cat(values, dim=dim)
 
 
 # --- joint noise ---------------------------------------------------------------------------------
@@ -235,11 +258,7 @@ def noise_like(params: dict[str, Any], std: float, parties: int, ops: Any) -> di
         flat = joint_noise(ops.crypten, numel, std)
     else:
         flat = plain_noise(numel, std, parties)
-    out, offset = {}, 0
-    for name, p in params.items():
-        out[name] = flat.narrow(0, offset, p.numel()).reshape(p.size())
-        offset += p.numel()
-    return out
+    return unflatten(flat, {name: tuple(p.size()) for name, p in params.items()})
 
 
 # --- the DP-SGD step -----------------------------------------------------------------------------
@@ -250,6 +269,7 @@ def clipped_sum(
     x: Any,
     mask: Any,
     y: Any,
+    weight: Any = None,
     *,
     head: HeadConfig,
     ops: Any,
@@ -257,31 +277,25 @@ def clipped_sum(
     m: int,
     inv_count: Any = None,
 ) -> tuple[dict[str, Any], int]:
-    """Steps 1-5 without the noise: sum_j g_j (m / m_j) f_j per parameter, and the number k of
-    microbatches (m consecutive rows each; the last may be shorter)."""
+    """Steps 2-5 without the noise: sum_j f_j g_j per parameter over the k = rows / m units of
+    m consecutive rows (weight [rows,1]: each row's 0/1 inclusion; None: all 1), and k.
+
+    One pass for all units: k copies of every parameter (ops.PerUnitOps), so each copy's
+    gradient is its unit's; then all k squared norms, clip factors and the weighted sum at once.
+    """
     rows = x.size(0)
-    starts = list(range(0, rows, m))
-    sizes = [min(m, rows - s) for s in starts]
-    grads: list[dict[str, Any]] = []
-    for start, size in zip(starts, sizes, strict=True):
-        leaves = {k: ops.leaf(v) for k, v in params.items()}
-        part = [t.narrow(0, start, size) for t in (x, mask, y)]
-        inv = None if inv_count is None else inv_count.narrow(0, start, size)
-        logits = head_def.forward(leaves, part[0], part[1], head, ops, inv)
-        ops.cross_entropy_backward(logits, part[2])
-        grads.append({k: v.grad for k, v in leaves.items()})
-    names = list(params)
-    with ops.no_grad():  # all microbatches at once: one square and one product of shares
-        flat = _stack([_cat([gj[n].reshape(-1) for n in names]) for gj in grads])  # [k, numel]
+    if rows % m:
+        raise ValueError(f"{rows} rows are not whole microbatches of {m}")
+    k = rows // m
+    leaves = {name: ops.leaf(units(p, k)) for name, p in params.items()}
+    logits = head_def.forward(leaves, x, mask, head, PerUnitOps(ops, k), inv_count)
+    ops.cross_entropy_backward(logits, y, weight)
+    with ops.no_grad():
+        flat = _cat([g.grad.reshape(k, -1) for g in leaves.values()], dim=1)  # [k, numel]
         sq = flat.square().sum(1)  # [k]
-        bounds_sq = torch.tensor([(max_grad_norm * s) ** 2 for s in sizes])
-        factors = clip_factors(sq, bounds_sq) * torch.tensor([m / s for s in sizes])  # [k]
+        factors = clip_factors(sq, torch.full((k,), float(max_grad_norm) ** 2))
         summed = (flat * factors.reshape(-1, 1)).sum(0)  # [numel]
-    total, offset = {}, 0
-    for n in names:
-        total[n] = summed.narrow(0, offset, params[n].numel()).reshape(params[n].size())
-        offset += params[n].numel()
-    return total, len(sizes)
+    return unflatten(summed, {name: tuple(p.size()) for name, p in params.items()}), k
 
 
 def train_step(
@@ -290,6 +304,7 @@ def train_step(
     x: Any,
     mask: Any,
     y: Any,
+    weight: Any = None,
     *,
     head: HeadConfig,
     train_cfg: TrainConfig,
@@ -301,13 +316,11 @@ def train_step(
     """One DP-SGD step on shares (or in the clear for the twin): new parameters and velocity."""
     from mpc_ft.train import sgd_step
 
-    m = privacy.microbatch_size
-    c = privacy.max_grad_norm
-    total, k = clipped_sum(
-        params, x, mask, y, head=head, ops=ops, max_grad_norm=c, m=m, inv_count=inv_count
-    )
+    c, m = privacy.max_grad_norm, privacy.microbatch_size
+    total, _ = clipped_sum(params, x, mask, y, weight, head=head, ops=ops, inv_count=inv_count,
+                           max_grad_norm=c, m=m)  # fmt: skip
     if privacy.noise_multiplier > 0:
-        std = party_std(privacy.noise_multiplier, privacy.max_grad_norm, run.parties) * m
+        std = party_std(privacy.noise_multiplier, privacy.sensitivity, run.parties)
         noise = noise_like(total, std, run.parties, ops)
         with ops.no_grad():
             total = {name: g + noise[name] for name, g in total.items()}
@@ -315,7 +328,7 @@ def train_step(
     for name, p in params.items():
         leaves[name] = ops.leaf(p)
         leaves[name].grad = total[name]
-    return sgd_step(leaves, velocity, train_cfg, ops, rows=k * m)
+    return sgd_step(leaves, velocity, train_cfg, ops, rows=train_cfg.batch_size)
 
 
 def warn_if_not_private(privacy: PrivacySpend) -> None:
@@ -332,7 +345,8 @@ def warn_if_not_private(privacy: PrivacySpend) -> None:
 
 def report_keys(privacy: dict[str, Any] | None) -> dict[str, Any]:
     """report.json's DP keys (None without DP): dp_epsilon, dp_delta, noise_multiplier,
-    max_grad_norm, and how they were reached (sample rate, steps, sampling, accountant).
+    max_grad_norm, and how they were reached (sample rate, steps, each owner's slots,
+    sampling, accountant).
     dp_epsilon is None under DP too when nothing is noised (epsilon infinite)."""
     p = privacy or {}
     epsilon = p.get("epsilon")
@@ -345,10 +359,10 @@ def report_keys(privacy: dict[str, Any] | None) -> dict[str, Any]:
         "dp_delta": p.get("delta"),
         "noise_multiplier": p.get("noise_multiplier"),
         "max_grad_norm": p.get("max_grad_norm"),
-        "dp_epsilon_public_order": _finite(p.get("epsilon_public_order")),
         "dp_sample_rate": p.get("sample_rate"),
         "dp_steps": p.get("steps"),
         "dp_microbatch_size": p.get("microbatch_size"),
+        "dp_slots": list(p["slots"]) if p.get("slots") else None,
         "dp_sampling": p.get("sampling"),
         "dp_accountant": p.get("accountant"),
     }

@@ -384,8 +384,16 @@ def train_twin(
 
         params, history = federated.simulate(params, owners, job)
     else:
+        source: Any = train_set
+        if job.dp.enabled:  # the owners' Poisson batches in the parties' slots (sampling.py)
+            from mpc_ft.dp import spend
+            from mpc_ft.sampling import PoissonBatches
+
+            privacy = spend(job.dp, [len(o) for o in owners], job.train)
+            source = PoissonBatches.plain(owners, privacy.slots, privacy.sample_rate,
+                                          seed=job.train.seed)  # fmt: skip
         params, history = train.train(
-            params, train_set, head=job.head, train_cfg=job.train, ops=TorchOps,
+            params, source, head=job.head, train_cfg=job.train, ops=TorchOps,
             reveal_scalars=train.plaintext_reveal, progress=False,
             dp=DpRun(job.dp, parties=len(job.compute_parties)),
         )  # fmt: skip

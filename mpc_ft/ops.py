@@ -47,11 +47,16 @@ class TorchOps:
     def linear(x: Any, weight: Any, bias: Any) -> Any:
         return x.matmul(weight) + bias
 
+    @classmethod
+    def layer_norm(cls, x: Any, gamma: Any, beta: Any, eps: float) -> Any:
+        return cls.normalize(x, eps) * gamma + beta
+
     @staticmethod
-    def layer_norm(x: torch.Tensor, gamma: Any, beta: Any, eps: float) -> torch.Tensor:
+    def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+        """LayerNorm without its affine part: (x - mean) / sqrt(var + eps) over the last dim."""
         centred = x - x.mean(-1, keepdim=True)
         var = centred.square().mean(-1, keepdim=True)
-        return centred * torch.rsqrt(var + eps) * gamma + beta
+        return centred * torch.rsqrt(var + eps)
 
     @staticmethod
     def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +105,12 @@ class TorchOps:
         return (torch.logsumexp(logits, -1) - (onehot * logits).sum(-1)).mean()
 
     @staticmethod
-    def cross_entropy_backward(logits: torch.Tensor, onehot: torch.Tensor) -> tuple[Any, Any]:
+    def cross_entropy_backward(
+        logits: torch.Tensor, onehot: torch.Tensor, weight: Any = None
+    ) -> tuple[Any, Any]:
         """Backpropagate the batch's SUMMED softmax cross-entropy from `logits` (gradient
-        softmax - y; train.sgd_step takes the mean) without computing the loss; return its terms
+        softmax - y, times each row's `weight` [B,1] if given: DP's secret inclusion bits,
+        dp.py; train.sgd_step takes the mean) without computing the loss; return its terms
         for `loss_sum`: shift - <y, l> and the row sums of exp(l - shift), each [B,1], with shift
         the row max. Why the sum: the mean's 1/B, applied here, shrinks every backward value B
         times, and under MPC that costs log2(B) bits of the gradients' fixed-point resolution
@@ -112,7 +120,8 @@ class TorchOps:
             e = (logits - shift).exp()
             total = e.sum(-1, keepdim=True)
             offset = shift - (onehot * logits).sum(-1, keepdim=True)
-        logits.backward(e / total - onehot)
+            seed = e / total - onehot
+        logits.backward(seed if weight is None else seed * weight)
         return offset, total
 
     @staticmethod
@@ -165,8 +174,8 @@ class MpcOps(TorchOps):
         self.crypten = crypten
 
     @staticmethod
-    def layer_norm(x: Any, gamma: Any, beta: Any, eps: float) -> Any:
-        return x.mpcft_normalize(eps) * gamma + beta
+    def normalize(x: Any, eps: float) -> Any:
+        return x.mpcft_normalize(eps)
 
     @staticmethod
     def gelu(x: Any) -> Any:
@@ -185,14 +194,17 @@ class MpcOps(TorchOps):
     def cross_entropy(logits: Any, onehot: Any) -> Any:
         return logits.mpcft_cross_entropy(onehot)
 
-    def cross_entropy_backward(self, logits: Any, onehot: Any) -> tuple[Any, Any]:
+    def cross_entropy_backward(
+        self, logits: Any, onehot: Any, weight: Any = None
+    ) -> tuple[Any, Any]:
         """As TorchOps.cross_entropy_backward. No log per step: the loss is only revealed per
         epoch, so its log runs once per epoch over every example (`loss_sum`)."""
         with self.crypten.no_grad():
             values = logits.detach()
             shift, total, p = softmax_parts(values)
             offset = shift - (onehot * values).sum(-1, keepdim=True)
-        logits.backward(p - onehot)
+            seed = p - onehot if weight is None else (p - onehot) * weight
+        logits.backward(seed)
         return offset, total
 
     def loss_sum(self, offsets: list[Any], totals: list[Any]) -> Any:
@@ -231,6 +243,57 @@ class MpcOps(TorchOps):
             out = t.sum()  # the encoding and the shape of the result; the share replaced:
         out.share = (t.share * signs).sum()
         return out
+
+
+class PerUnitOps:
+    """Another backend's ops for parameters with a leading unit dim k: each of k units (an
+    example, or a DP microbatch of m consecutive rows) computes with its own copy of every
+    parameter, so that one forward and backward pass gives each unit's own gradient
+    (`units(p, k)`; dp.py clips them). Only the ops that touch parameters change: a linear
+    map runs as one batched product [k, m*T, d] @ [k, d, e] (tokens and a unit's rows share
+    its weights), a normalisation's gain and shift broadcast over the unit's rows and tokens.
+    Under MPC the copies cost openings (k times each weight), not rounds."""
+
+    def __init__(self, base: Any, units: int) -> None:
+        self.base, self.units = base, units
+
+    def __getattr__(self, name: str) -> Any:  # everything parameter-free: the base's own
+        return getattr(self.base, name)
+
+    def _by_unit(self, x: Any) -> Any:  # [B, ..., d] -> [k, B/k * ..., d]
+        return x.reshape(self.units, -1, x.size(-1))
+
+    def _param(self, p: Any) -> Any:  # a per-unit vector [k, d] -> [k, 1, d]
+        return p.reshape(self.units, 1, -1)
+
+    def linear(self, x: Any, weight: Any, bias: Any) -> Any:
+        out = self._by_unit(x).matmul(weight) + self._param(bias)
+        return out.reshape(*tuple(x.size())[:-1], weight.size(-1))
+
+    def _affine(self, x: Any, gamma: Any, beta: Any) -> Any:
+        out = self._by_unit(x) * self._param(gamma) + self._param(beta)
+        return out.reshape(tuple(x.size()))
+
+    def layer_norm(self, x: Any, gamma: Any, beta: Any, eps: float) -> Any:
+        return self._affine(self.base.normalize(x, eps), gamma, beta)
+
+    def center(self, x: Any, gamma: Any, beta: Any, eps: float) -> Any:
+        return self._affine(x - x.mean(-1, keepdim=True), gamma, beta)
+
+
+def unflatten(flat: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """A flat vector (plain or shared) back into named tensors of `shapes`, in order."""
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        out[name] = flat.narrow(0, offset, size).reshape(shape)
+        offset += size
+    return out
+
+
+def units(p: Any, k: int) -> Any:
+    """k stacked copies of a parameter (plain or shared): [k, *p.shape]."""
+    return p.unsqueeze(0).repeat(k, *([1] * p.dim()))
 
 
 # --- CrypTen autograd functions (classes built lazily: importing ops must not import crypten) ---

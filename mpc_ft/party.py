@@ -292,7 +292,17 @@ def _compute(
         compat.shutdown()
         return result
     t1 = time.perf_counter()
-    shared = sharing.share_datasets(crypten, job, local, everyone, rank)
+    train_data: Any = None
+    if job.dp.enabled:  # DP: each step's batch is a fresh private Poisson sample (sampling.py)
+        from mpc_ft.dp import spend
+
+        privacy = spend(job.dp, [s.train for s in everyone if s.train > 0], job.train)
+        shared = sharing.share_datasets(crypten, job, local, everyone, rank, parts=("test",))
+        train_data = sharing.poisson_batches(crypten, job, local, everyone, rank,
+                                             privacy.slots, privacy.sample_rate)  # fmt: skip
+    else:
+        shared = sharing.share_datasets(crypten, job, local, everyone, rank)
+        train_data = shared["train"]
     shapes_of_head = head_def.param_shapes(job.head, width, job.num_classes)
     initial = None
     if "model_owner" in party.roles:
@@ -321,11 +331,11 @@ def _compute(
             log.info("checkpoint step %d: %s", state.step, path)
 
     compat.reset_communication_stats()
-    log.info("training on %d examples for %d epoch(s)", len(shared["train"]), job.train.epochs)
+    log.info("training on %d examples for %d epoch(s)", len(train_data), job.train.epochs)
     t2 = time.perf_counter()
     params, history = train.train(
         params,
-        shared["train"],
+        train_data,
         head=job.head,
         train_cfg=job.train,
         ops=ops,

@@ -43,15 +43,17 @@ def share_datasets(
     local: dict[str, Dataset] | None,
     everyone: list[Any],
     rank: int,
+    parts: tuple[str, ...] = ("train", "test"),
 ) -> dict[str, Dataset | None]:
-    """Share every owner's "train" and "test" sets; concatenate each in rank order.
+    """Share every owner's "train" and "test" sets (those in `parts`; the others are None);
+    concatenate each in rank order.
 
     `everyone`: each computing party's public counts (.train, .test) and .width, in rank order."""
     T = job.backbone.max_tokens
     C = job.num_classes
     width = next(s.width for s in everyone if s.train > 0)
-    result: dict[str, Dataset | None] = {}
-    for part in ("train", "test"):
+    result: dict[str, Dataset | None] = {"train": None, "test": None}
+    for part in parts:
         pieces = []
         for src, s in enumerate(everyone):
             n = getattr(s, part)
@@ -76,6 +78,32 @@ def share_datasets(
             fields = ("x", "mask", "y", "inv_count")
             result[part] = Dataset(*(crypten.cat([getattr(p, f) for p in pieces]) for f in fields))
     return result
+
+
+def poisson_batches(
+    crypten: Any,
+    job: JobConfig,
+    local: dict[str, Dataset] | None,
+    everyone: list[Any],
+    rank: int,
+    slots: tuple[int, ...],
+    rate: float,
+) -> Any:
+    """DP training's batch source (sampling.py): every step, each data owner shares a fresh
+    private Poisson sample of its training set in its public number of slots; its plaintext
+    stays with it. Replaces sharing the whole training set up front (step 2 above)."""
+    from mpc_ft.sampling import PoissonBatches
+
+    width = next(s.width for s in everyone if s.train > 0)
+    owners = [(src, s.train, local["train"] if (src == rank and local) else None)
+              for src, s in enumerate(everyone) if s.train > 0]  # fmt: skip
+    return PoissonBatches(
+        owners,
+        slots,
+        rate,
+        (job.backbone.max_tokens, width, job.num_classes),
+        share=lambda value, shape, src: share(crypten, value, shape, src),
+    )
 
 
 def _inverse_count(data: Dataset) -> torch.Tensor:

@@ -138,7 +138,10 @@ def train(
     train_cfg.watchdog_every steps the parameters are checked (watchdog.py); a failed check
     rolls back to the last state that passed and retries those steps.
 
-    dp (a dp.DpRun whose config is enabled): DP-SGD steps (dp.py); no per-epoch loss or
+    dp (a dp.DpRun whose config is enabled): DP-SGD steps (dp.py) on oblivious Poisson
+    batches (sampling.py): `data` is then a sampling.PoissonBatches (under MPC: the data
+    owners share each step's batch), or a plain Dataset that the twin samples as one owner
+    (seeded by train_cfg.seed). No per-epoch loss or
     accuracy is computed or revealed (the accountant does not cover them), and a failed
     watchdog check stops training instead of retrying (a retry would spend unaccounted steps)."""
     from mpc_ft import watchdog
@@ -148,9 +151,16 @@ def train(
     privacy = None
     if dp is not None:
         from mpc_ft import dp as dp_lib
+        from mpc_ft.sampling import PoissonBatches
 
-        privacy = dp_lib.spend(dp.config, len(data), train_cfg)
+        counts = data.counts if isinstance(data, PoissonBatches) else [len(data)]
+        privacy = dp_lib.spend(dp.config, counts, train_cfg)
         dp_lib.warn_if_not_private(privacy)
+        if not isinstance(data, PoissonBatches):
+            data = PoissonBatches.plain([data], privacy.slots, privacy.sample_rate,
+                                        seed=train_cfg.seed)  # fmt: skip
+        elif tuple(data.slots) != privacy.slots:
+            raise ValueError(f"batch slots {data.slots} differ from the accountant's")
 
     state = resume or TrainState({k: ops.leaf(v) for k, v in params.items()})
     n = len(data)
@@ -171,17 +181,18 @@ def train(
                 leave=True,
             )
             bar_epoch = epoch
-        x, mask, y, inv_count = data.batch(batches[i], ops)
         if privacy is None:
+            x, mask, y, inv_count = data.batch(batches[i], ops)
             state.params, state.velocity, logits, terms = train_step(
                 state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
                 inv_count=inv_count,
             )  # fmt: skip
             state.seen.append((logits, y, *terms))
-        else:
+        else:  # a fresh Poisson sample: the public batch order is not used
+            x, mask, y, inv_count, weight = data.batch(ops)
             state.params, state.velocity = dp_lib.train_step(
-                state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
-                run=dp, privacy=privacy, inv_count=inv_count,
+                state.params, state.velocity, x, mask, y, weight, head=head, train_cfg=train_cfg,
+                ops=ops, run=dp, privacy=privacy, inv_count=inv_count,
             )  # fmt: skip
         state.step += 1
         state.history.steps = state.step

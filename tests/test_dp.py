@@ -96,30 +96,53 @@ def test_twin_clipping_matches_opacus_per_sample_clipping():
     assert max((unclipped[n] - ref[n]).abs().max() / ref[n].abs().max() for n in ref) > 0.2
 
 
-def test_microbatches_clip_each_microbatch_mean():
-    """TF Privacy's num_microbatches: m * clip_C(mean gradient of each microbatch), summed."""
-    params, x, mask, y, c, _ = _setting()
-    ours, k = dp.clipped_sum(params, x, mask, y, head=HEAD, ops=TorchOps, max_grad_norm=c, m=4)
-    assert k == 2  # rows 0-3 and 4-5 (a short last microbatch)
+def _clip_units(params, x, mask, y, weight, c, m):
+    """The reference, unit by unit with torch autograd: sum_j clip_C(sum_{r in j} w_r g_r)."""
     expected = {n: torch.zeros_like(p) for n, p in params.items()}
-    for start, size in ((0, 4), (4, 2)):
+    for start in range(0, x.size(0), m):
         leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-        rows = slice(start, start + size)
+        rows = slice(start, start + m)
         logits = head_def.forward(leaves, x[rows], mask[rows], HEAD)
-        torch.nn.functional.cross_entropy(logits, y[rows].argmax(-1)).backward()
+        loss = torch.nn.functional.cross_entropy(logits, y[rows].argmax(-1), reduction="none")
+        (loss * weight[rows, 0]).sum().backward()
         norm = torch.stack([v.grad.norm() for v in leaves.values()]).norm()
         for n, v in leaves.items():
-            expected[n] += 4 * v.grad * min(1.0, c / norm.item())
+            expected[n] += v.grad * min(1.0, c / max(norm.item(), 1e-12))
+    return expected
+
+
+def test_microbatches_clip_each_microbatch_weighted_sum():
+    """num_microbatches: every m consecutive rows' gradient sum (rows weighted by their 0/1
+    inclusion) is one clipping unit."""
+    params, x, mask, y, c, _ = _setting()
+    weight = torch.tensor([[1.0], [0.0], [1.0], [1.0], [1.0], [0.0]])
+    ours, k = dp.clipped_sum(params, x, mask, y, weight, head=HEAD, ops=TorchOps,
+                             max_grad_norm=c, m=3)  # fmt: skip
+    assert k == 2
+    expected = _clip_units(params, x, mask, y, weight, c, m=3)
+    for name in params:  # float32 paths differ ~1e-4
+        torch.testing.assert_close(ours[name], expected[name], atol=2e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="whole microbatches"):
+        dp.clipped_sum(params, x, mask, y, head=HEAD, ops=TorchOps, max_grad_norm=c, m=4)
+
+
+def test_a_row_of_weight_zero_contributes_nothing():
+    """A dummy slot (sampling.py) adds nothing to the clipped sum, whatever it holds."""
+    params, x, mask, y, c, _ = _setting()
+    weight = torch.tensor([[1.0], [0.0], [1.0], [0.0], [1.0], [1.0]])
+    ours, _ = dp.clipped_sum(params, x, mask, y, weight, head=HEAD, ops=TorchOps,
+                             max_grad_norm=c, m=1)  # fmt: skip
+    real = weight[:, 0].bool()
+    ref, _ = _opacus_clipped_sum(params, x[real], mask[real], y[real], c)
     for name in params:
-        torch.testing.assert_close(
-            ours[name], expected[name], atol=2e-4, rtol=1e-3
-        )  # float32 paths differ ~1e-4
+        torch.testing.assert_close(ours[name], ref[name], atol=2e-4, rtol=1e-3)
 
 
 def _mpc_party(rank, params, x, mask, y, c, twin_data):
     import crypten
 
-    from mpc_ft.sharing import Revealer
+    from mpc_ft.sampling import PoissonBatches
+    from mpc_ft.sharing import Revealer, share
     from tests.test_mpc_training import _job
 
     ops = MpcOps(crypten)
@@ -128,10 +151,20 @@ def _mpc_party(rank, params, x, mask, y, c, twin_data):
     clipped, _ = dp.clipped_sum(shared, sx, smask, sy, head=HEAD, ops=ops, max_grad_norm=c, m=1)
     clipped = {k: v.get_plain_text() for k, v in clipped.items()}
     noise = dp.joint_noise(crypten, 20_000, std=0.5).get_plain_text()
-    # two DP training steps (noise off) through train.train, with its reveal policy
-    data = train.Dataset(*(crypten.cryptensor(t, src=0) for t in twin_data))
-    revealer = Revealer(_job(2), rank)
+    # two DP training steps (noise off) through train.train, with its reveal policy; owner 0
+    # shares each step's Poisson batch (rate 1 here: every example, in random slots)
     run = dp.DpRun(DpConfig(enabled=True, max_grad_norm=c), parties=2)
+    n = twin_data[0].size(0)
+    privacy = dp.spend(run.config, [n], TRAIN)
+    plain = train.Dataset(*twin_data) if rank == 0 else None
+    data = PoissonBatches(
+        [(0, n, plain)],
+        privacy.slots,
+        privacy.sample_rate,
+        (twin_data[0].size(1), D_IN, 2),
+        share=lambda v, shape, src: share(crypten, v, shape, src),
+    )
+    revealer = Revealer(_job(2), rank)
     with pytest.warns(UserWarning, match="NO differential-privacy"):
         trained, history = train.train(shared, data, head=HEAD, train_cfg=TRAIN, ops=ops,
                                        reveal_scalars=revealer.scalars, dp=run)  # fmt: skip
@@ -139,7 +172,7 @@ def _mpc_party(rank, params, x, mask, y, c, twin_data):
     return clipped, noise, trained, history, revealer.log
 
 
-TRAIN = TrainConfig(epochs=1, batch_size=2, lr=0.1, momentum=0.9, seed=3)
+TRAIN = TrainConfig(epochs=2, batch_size=4, lr=0.1, momentum=0.9, seed=3)
 
 
 def test_mpc_clipping_matches_opacus_and_joint_noise_has_the_configured_std():
@@ -163,6 +196,7 @@ def test_mpc_clipping_matches_opacus_and_joint_noise_has_the_configured_std():
         dp=dp.DpRun(DpConfig(enabled=True, max_grad_norm=c), parties=2),
     )  # fmt: skip
     assert history.steps == twin_history.steps == 2 and history.loss == []
+    assert history.privacy["slots"] == (4,) and history.privacy["sample_rate"] == 1.0
     assert [r["what"] for r in log] == ["watchdog step 2"]
     for name in twin:
         scale = (twin[name] - params[name]).abs().max().item()
@@ -196,17 +230,24 @@ def test_accounting_calibrates_to_the_target_and_reports_epsilon():
                      1200, cfg)  # fmt: skip
     assert fixed.epsilon < calibrated.epsilon  # more noise, less spent
     assert dp.spend(DpConfig(enabled=True), 1200, cfg).epsilon == math.inf
-    # a public batch order: no amplification by sampling, a larger epsilon
-    assert calibrated.epsilon_public_order > calibrated.epsilon
+    # the slots: more than the expected batch, and their overflow within 1% of delta
+    assert calibrated.slots[0] > 32 and calibrated.delta == 1e-5
+    blowup = 1 + math.exp(calibrated.epsilon)
+    assert 0 < blowup * calibrated.overflow_probability <= dp.OVERFLOW_SHARE * 1e-5
+    owners = dp.spend(DpConfig(enabled=True, target_epsilon=8.0), [400, 800], cfg)
+    assert owners.noise_multiplier == calibrated.noise_multiplier and len(owners.slots) == 2
+    assert owners.slots[0] < owners.slots[1]
+    micro = dp.spend(DpConfig(enabled=True, target_epsilon=8.0, num_microbatches=4), 1200, cfg)
+    assert sum(micro.slots) % 8 == 0 and micro.sensitivity == 2 * calibrated.sensitivity
 
 
 def test_dp_training_without_clipping_or_noise_is_plain_training():
-    """The plumbing: with C far above every norm and no noise, DP-SGD (per example or in
-    microbatches) is the ordinary training loop, short last batch included."""
+    """The plumbing: with C far above every norm, no noise and sample rate 1 (every example
+    drawn, in random slots), DP-SGD (per example or in microbatches) is full-batch training."""
     x, mask, y = _batch(n=10, seed=4)
     data = train.Dataset(x, mask, y)
     params = head_def.init_params(HEAD, D_IN, 2, seed=1)
-    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.01, seed=3)
+    cfg = TrainConfig(epochs=3, batch_size=10, lr=0.1, momentum=0.9, weight_decay=0.01, seed=3)
     plain, _ = train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
                            reveal_scalars=train.plaintext_reveal)  # fmt: skip
     for microbatches in (0, 2):
@@ -217,7 +258,7 @@ def test_dp_training_without_clipping_or_noise_is_plain_training():
                 params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
                 reveal_scalars=train.plaintext_reveal, dp=run,
             )  # fmt: skip
-        assert history.loss == [] and history.privacy["steps"] == 6
+        assert history.loss == [] and history.privacy["steps"] == 3
         for name in plain:
             torch.testing.assert_close(private[name], plain[name], atol=1e-4, rtol=1e-3)
 

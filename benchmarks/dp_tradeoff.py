@@ -32,12 +32,21 @@ HERE = Path(__file__).parent
 HEAD = HeadConfig(**NATIVE_HEAD)
 
 
-def rotten_tomatoes(train_size: int, test_size: int) -> tuple[list[train.Dataset], train.Dataset]:
+def rotten_tomatoes(
+    train_size: int, test_size: int, validation: bool = False
+) -> tuple[list[train.Dataset], train.Dataset]:
     """The demo's data exactly (launch.prepare_data): the training set as its two owners
-    (alice, bob) hold it, and the pooled held-out set."""
+    (alice, bob) hold it, and the pooled held-out set. validation: both drawn from the demo's
+    TRAINING movies instead, split again by movie (for choosing settings without the test set)."""
     from mpc_ft.launch import DemoOptions, prepare_data
 
-    texts, held_out, _ = prepare_data(DemoOptions(train_size=train_size, test_size=test_size))
+    opts = DemoOptions(train_size=train_size, test_size=test_size)
+    texts, held_out, _ = prepare_data(opts)
+    if validation:
+        pool = data_lib.split_by_group(data_lib.load_rotten_tomatoes(), 0.2, seed=opts.seed)[0]
+        texts, held_out = data_lib.split_by_group(pool, test_fraction=0.2, seed=opts.seed + 1)
+        texts = data_lib.stratified_sample(texts, train_size, opts.seed)
+        held_out = data_lib.stratified_sample(held_out, test_size, opts.seed)
     labels = data_lib.label_names(texts)
     out = []
     for part in (texts, held_out):
@@ -138,9 +147,18 @@ def main() -> None:
     parser.add_argument("--max-grad-norm", type=float, default=0.2)
     parser.add_argument("--microbatches", type=int, default=0, help="per batch; 0: per example")
     parser.add_argument("--mpc", type=float, default=0.0, help="also one MPC run at this epsilon")
+    parser.add_argument(
+        "--select",
+        type=float,
+        default=0.0,
+        help="instead: try SELECT_GRID at this epsilon on a validation split",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "plots" / "dp_tradeoff.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.select:
+        select(args)
+        return
     data = rotten_tomatoes(args.train_size, args.test_size)
     rows = []
 
@@ -161,21 +179,51 @@ def main() -> None:
                "seconds": time.perf_counter() - start}  # fmt: skip
         print(json.dumps({k: v for k, v in row.items() if k != "privacy"}), flush=True)
         rows.append(row)
-    if args.mpc:
+    if args.mpc:  # the same seed on shares: without DP (the baseline), then at epsilon E
         from mpc_ft.multiparty import run_multiparty
 
-        acc, privacy, seconds = run_multiparty(
-            _mpc_party, parties=2, args=(data, cfg(args.seeds[0]), dp_cfg(args.mpc)),
-            timeout_s=3600,
-        )[0]  # fmt: skip
-        row = {"backend": "mpc", "target_epsilon": args.mpc, "accuracies": [acc],
-               "accuracy_mean": acc, "privacy": privacy, "seconds": seconds}  # fmt: skip
-        print(json.dumps({k: v for k, v in row.items() if k != "privacy"}), flush=True)
-        rows.append(row)
+        for eps in (None, args.mpc):
+            seed = args.seeds[0]
+            acc, privacy, seconds = run_multiparty(
+                _mpc_party, parties=2, timeout_s=4 * 3600,
+                args=(data, cfg(seed, bool(eps)), dp_cfg(eps) if eps else None),
+            )[0]  # fmt: skip
+            row = {"backend": "mpc", "target_epsilon": eps, "accuracies": [acc], "seed": seed,
+                   "accuracy_mean": acc, "privacy": privacy, "seconds": seconds}  # fmt: skip
+            print(json.dumps({k: v for k, v in row.items() if k != "privacy"}), flush=True)
+            rows.append(row)
     setting = {k: v for k, v in vars(args).items() if k != "out"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"setting": setting, "rows": rows}, indent=2, default=str))
     plot(rows, HERE / "plots" / "dp_tradeoff.png")
+
+
+# (batch size, epochs, lr, C) tried by --select; C None: without DP
+SELECT_GRID = [
+    *((32, e, lr, None) for e in (2, 4, 8) for lr in (0.02, 0.05)),
+    *((32, 4, lr, c) for lr, c in ((0.15, 0.2), (0.3, 0.1), (0.6, 0.05))),
+    *((64, 8, lr, c) for lr, c in ((0.5, 0.1), (0.8, 0.1), (1.0, 0.05), (2.0, 0.025))),
+    *((128, 16, lr, c) for lr, c in ((0.5, 0.1), (1.0, 0.1), (2.0, 0.05))),
+]
+
+
+def select(args: argparse.Namespace) -> None:
+    """Mean validation accuracy over --seeds of every SELECT_GRID setting; the test set is not
+    touched. Written to benchmarks/plots/dp_select.json."""
+    data = rotten_tomatoes(args.train_size, args.test_size, validation=True)
+    rows = []
+    for batch, epochs, lr, c in SELECT_GRID:
+        dp = None if c is None else DpConfig(enabled=True, target_epsilon=args.select,
+                                             max_grad_norm=c)  # fmt: skip
+        accs = [twin(data, TrainConfig(seed=s, lr=lr, epochs=epochs, batch_size=batch), dp)[0]
+                for s in args.seeds]  # fmt: skip
+        row = {"batch_size": batch, "epochs": epochs, "lr": lr, "max_grad_norm": c,
+               "epsilon": args.select if c else None, "accuracies": accs,
+               "accuracy_mean": statistics.mean(accs)}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    out = HERE / "plots" / "dp_select.json"
+    out.write_text(json.dumps({"setting": vars(args) | {"out": None}, "rows": rows}, indent=2))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -196,9 +244,17 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.axhspan(100 * base["accuracy_mean"] - 3, 100 * base["accuracy_mean"], color="g", alpha=0.1,
                label="within 3 points")  # fmt: skip
     for r in rows:
-        if r["backend"] == "mpc":
-            ax.plot([r["privacy"]["epsilon"]], [100 * r["accuracy_mean"]], "r*", ms=12,
-                    label="DP-SGD under MPC")  # fmt: skip
+        if r["backend"] == "mpc" and r["target_epsilon"]:
+            ax.plot(
+                [r["privacy"]["epsilon"]],
+                [100 * r["accuracy_mean"]],
+                "r*",
+                ms=12,
+                label=f"DP-SGD under MPC (seed {r['seed']})",
+            )
+        elif r["backend"] == "mpc":
+            ax.axhline(100 * r["accuracy_mean"], ls=":", color="r",
+                       label=f"no DP, under MPC (seed {r['seed']})")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("epsilon (delta = 1e-5)")
     ax.set_ylabel("test accuracy (%)")

@@ -230,6 +230,16 @@ def _triples_without_dummy_products() -> None:
     TrustedThirdParty._mpcft_meta_shapes = True
 
 
+def _dealer_serves_bulk_requests() -> None:
+    """Patch 7: the dealer answers a list of triple requests in one message (offline.py), as
+    one more method of CrypTen's TTPServer, which dispatches a request's "function" by name."""
+    from crypten.mpc.provider.ttp_provider import TTPServer
+
+    from mpc_ft.offline import BULK, serve_bulk
+
+    setattr(TTPServer, BULK, serve_bulk)
+
+
 def _namespace(tree: Any) -> Any:
     if isinstance(tree, dict):
         return types.SimpleNamespace(**{k: _namespace(v) for k, v in tree.items()})
@@ -266,6 +276,7 @@ def run_dealer(ep: PartyEndpoint, store: Any = None) -> None:
     _configure(crypten, ep)
     from crypten.mpc.provider.ttp_provider import TTPServer
 
+    _dealer_serves_bulk_requests()
     with _process_groups(ep.timeout_s, store):
         TTPServer()  # runs its request loop inside the constructor
     _shutdown_process_group()

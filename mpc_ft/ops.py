@@ -148,6 +148,11 @@ class TorchOps:
         return torch.no_grad()
 
     @staticmethod
+    def step_triples() -> contextlib.AbstractContextManager:
+        """Around each training step: MPC's offline phase (offline.py); nothing in plaintext."""
+        return contextlib.nullcontext()
+
+    @staticmethod
     def rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return t.index_select(0, index)
 
@@ -170,8 +175,15 @@ class MpcOps(TorchOps):
 
     name = "mpc"
 
-    def __init__(self, crypten: Any) -> None:
+    def __init__(self, crypten: Any, triples_ahead: bool = True) -> None:
+        from mpc_ft.offline import TripleCache
+
         self.crypten = crypten
+        self.triples = TripleCache(crypten) if triples_ahead else None
+
+    def step_triples(self) -> contextlib.AbstractContextManager:
+        """The step's Beaver triples from one dealer request made just before it (offline.py)."""
+        return self.triples.step() if self.triples else contextlib.nullcontext()
 
     @staticmethod
     def normalize(x: Any, eps: float) -> Any:

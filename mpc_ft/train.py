@@ -183,17 +183,19 @@ def train(
             bar_epoch = epoch
         if privacy is None:
             x, mask, y, inv_count = data.batch(batches[i], ops)
-            state.params, state.velocity, logits, terms = train_step(
-                state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg, ops=ops,
-                inv_count=inv_count,
-            )  # fmt: skip
+            with ops.step_triples():
+                state.params, state.velocity, logits, terms = train_step(
+                    state.params, state.velocity, x, mask, y, head=head, train_cfg=train_cfg,
+                    ops=ops, inv_count=inv_count,
+                )  # fmt: skip
             state.seen.append((logits, y, *terms))
         else:  # a fresh Poisson sample: the public batch order is not used
             x, mask, y, inv_count, weight = data.batch(ops)
-            state.params, state.velocity = dp_lib.train_step(
-                state.params, state.velocity, x, mask, y, weight, head=head, train_cfg=train_cfg,
-                ops=ops, run=dp, privacy=privacy, inv_count=inv_count,
-            )  # fmt: skip
+            with ops.step_triples():
+                state.params, state.velocity = dp_lib.train_step(
+                    state.params, state.velocity, x, mask, y, weight, head=head,
+                    train_cfg=train_cfg, ops=ops, run=dp, privacy=privacy, inv_count=inv_count,
+                )  # fmt: skip
         state.step += 1
         state.history.steps = state.step
         state.history.privacy = privacy.as_dict() if privacy else None

@@ -1,0 +1,118 @@
+"""Triples ahead of time: an offline phase in which the dealer makes a whole step's Beaver
+triples in one request, so that the step itself (the online phase) never waits on the dealer.
+
+CrypTen's TTP provider asks the dealer for each triple when it needs it: party 0 sends a request
+and waits for the dealer's share, hundreds of round trips per step (the reference head's step:
+591 of party 0's 788 rounds). A training step makes the same requests every time (the shapes are
+fixed), so, per `TripleCache.step()`:
+
+1. Record (first step): the step runs as usual while CrypTen's provider traces its requests.
+2. Offline (before every later step): every party replays the recorded requests through the
+   provider, drawing its own shares of a, b (and c, but for party 0) from the generators it
+   shares with the dealer, as always. Party 0's calls to the dealer are collected instead of
+   sent, each answered by an empty tensor of the right shape; then party 0 sends them all in
+   one message, the dealer computes them in order (its generators stay in step with the
+   parties') and answers with one tensor, which party 0 copies into the empty ones.
+3. Online: the step takes its triples from the cache. A request the cache lacks (another shape,
+   such as a short last batch, or the overflow watchdog) goes to the dealer as before.
+
+What the dealer sees does not change: shapes and operation names, never data. The dealer's side
+is `serve_bulk` (installed by compat.run_dealer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+BULK = "mpcft_bulk"  # the dealer's method for a list of requests (compat patches it in)
+
+
+def result_size(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Size:
+    """The shape of the dealer's answer to one TTP call, from its arguments alone."""
+    if name == "additive":  # (size0, size1, op, *op args): the product's shape, on meta tensors
+        size0, size1, op, *rest = args
+        a = torch.empty(size0, dtype=torch.long, device="meta")
+        b = torch.empty(size1, dtype=torch.long, device="meta")
+        return getattr(torch, op)(a, b, *rest, **kwargs).size()
+    if name == "binary":
+        return torch.broadcast_shapes(args[0], args[1])
+    if name in ("square", "wraps", "B2A"):
+        return torch.Size(args[0])
+    raise ValueError(f"unknown dealer call {name!r}")
+
+
+def serve_bulk(server: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> Any:
+    """The dealer's answer to a bulk request: every call's result, in order, flattened into
+    one tensor (TTPServer's loop sends its size, then the tensor, as for any call)."""
+    results = [getattr(server, name)(*args, **kwargs).reshape(-1) for name, args, kwargs in calls]
+    return torch.cat(results) if results else torch.zeros(0, dtype=torch.long)
+
+
+class TripleCache:
+    """One training loop's offline phase (module docstring). `seconds` and `fills` total the
+    offline work; under TFP (no dealer) `step()` does nothing."""
+
+    def __init__(self, crypten: Any) -> None:
+        self.crypten = crypten
+        self.requests: list[Any] | None = None
+        self.seconds = 0.0
+        self.fills = 0
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        provider = self.crypten.mpc.get_default_provider()
+        if getattr(provider, "NAME", "") != "TTP":
+            yield
+            return
+        if self.requests is None:  # record this step's requests (it runs as usual)
+            provider.request_cache = []
+            provider.trace(True)
+            try:
+                yield
+            finally:
+                provider.trace(False)
+                self.requests, provider.request_cache = list(provider.request_cache), []
+            return
+        start = time.perf_counter()
+        self._fill(provider)
+        self.seconds += time.perf_counter() - start
+        self.fills += 1
+        yield
+
+    def _fill(self, provider: Any) -> None:
+        import crypten.communicator as comm
+        from crypten.mpc.provider.ttp_provider import TTPClient
+
+        provider.tuple_cache = {}  # what an earlier step left unused (a miss-shaped step)
+        client = TTPClient.get()
+        first = comm.get().get_rank() == 0
+        calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        answers: list[torch.Tensor] = []
+
+        def collect(name: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            calls.append((name, args, kwargs))
+            answers.append(torch.empty(result_size(name, args, kwargs), dtype=torch.long))
+            return answers[-1]
+
+        if first:
+            client.ttp_request = collect  # shadows the method on this instance
+        try:
+            provider.request_cache = self.requests
+            provider.fill_cache()
+        finally:
+            provider.request_cache = []
+            if first:
+                del client.ttp_request
+        if first and calls:
+            flat = client.ttp_request(BULK, None, calls)
+            offset = 0
+            for answer in answers:
+                answer.copy_(flat[offset : offset + answer.numel()].view_as(answer))
+                offset += answer.numel()
+            if offset != flat.numel():
+                raise RuntimeError(f"the dealer answered {flat.numel()} values, not {offset}")

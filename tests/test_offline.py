@@ -1,0 +1,81 @@
+"""Triples ahead of time (offline.py): the dealer's bulk answer, and training steps that never
+wait on the dealer yet compute what the plaintext twin computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpc_ft import offline, train
+from mpc_ft import head as head_def
+from mpc_ft.config import HeadConfig, TrainConfig
+from mpc_ft.multiparty import run_multiparty
+from mpc_ft.ops import TorchOps
+
+HEAD = HeadConfig(d_model=8, num_heads=2, d_ffn=16, num_blocks=1)
+SGD = TrainConfig(lr=0.1, momentum=0.9)
+
+
+def test_the_answer_shapes_follow_from_the_call_arguments():
+    size = offline.result_size
+    assert size("additive", (torch.Size([2, 3]), torch.Size([3, 4]), "matmul"), {}) == (2, 4)
+    assert size("additive", (torch.Size([2, 1, 3]), torch.Size([4, 3]), "mul"), {}) == (2, 4, 3)
+    assert size("binary", (torch.Size([5, 1]), torch.Size([1, 6])), {}) == (5, 6)
+    for name in ("square", "wraps", "B2A"):
+        assert size(name, (torch.Size([7, 2]),), {}) == (7, 2)
+    with pytest.raises(ValueError, match="unknown dealer call"):
+        size("mystery", (), {})
+
+
+def _batch(seed=0, n=4, t=5, d=6):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(t) < torch.randint(2, t + 1, (n, 1), generator=g)).float()
+    x = torch.randn(n, t, d, generator=g) * mask.unsqueeze(-1)
+    y = torch.nn.functional.one_hot(torch.randint(0, 2, (n,), generator=g), 2).float()
+    return x, mask, y
+
+
+def _party(rank, params, batches, ahead):
+    import crypten
+
+    from mpc_ft import compat
+    from mpc_ft.ops import MpcOps
+
+    ops = MpcOps(crypten, triples_ahead=ahead)
+    shared = {k: ops.leaf(crypten.cryptensor(v, src=0)) for k, v in params.items()}
+    velocity, rounds = {}, []
+    for x, mask, y in batches:
+        sx, smask, sy = (crypten.cryptensor(t, src=1) for t in (x, mask, y))
+        with ops.step_triples():
+            before = compat.communication_stats()["rounds"]
+            shared, velocity, _, _ = train.train_step(
+                shared, velocity, sx, smask, sy, head=HEAD, train_cfg=SGD, ops=ops
+            )
+            rounds.append(compat.communication_stats()["rounds"] - before)
+    fills = ops.triples.fills if ops.triples else 0
+    return {k: v.get_plain_text() for k, v in shared.items()}, rounds, fills
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_steps_from_cached_triples_match_the_twin_and_skip_the_dealer(ahead):
+    params = head_def.init_params(HEAD, 6, 2, seed=3)
+    batches = [_batch(seed=s) for s in range(3)] + [_batch(seed=9, n=3)]  # last: other shape
+    results = run_multiparty(_party, parties=2, args=(params, batches, ahead))
+    twin = {k: TorchOps.leaf(v) for k, v in params.items()}
+    velocity = {}
+    for x, mask, y in batches:
+        twin, velocity, _, _ = train.train_step(
+            twin, velocity, x, mask, y, head=HEAD, train_cfg=SGD, ops=TorchOps
+        )
+    for trained, _, _ in results:
+        for name, value in twin.items():
+            scale = (value - params[name]).abs().max().item()
+            err = (trained[name] - value.detach()).abs().max().item()
+            assert err <= 0.05 * scale + 2e-3, (name, err, scale)
+    (_, first, fills), (_, second, _) = results
+    if ahead:  # steps 2-4 were preceded by a fill; 2 and 3 found every triple in the cache
+        assert fills == 3
+        assert first[0] > second[0] and first[1:3] == second[1:3]
+        assert first[3] > second[3]  # the short batch's shapes missed: the dealer, as before
+    else:
+        assert fills == 0 and all(a > b for a, b in zip(first, second, strict=True))

@@ -49,6 +49,25 @@ def test_reference_head(benchmark, parties, variant, mode):
         assert row["bytes_per_party"][0] > 0 or phase == "update"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("parties", [2, 3])
+def test_reference_step_with_triples_ahead(benchmark, parties, variant):
+    """The training step as the training loop runs it (offline.py): its triples come from one
+    dealer request before it (phase "offline"), so "step" is the online phase."""
+    config = REFERENCE | {"mode": "train", "native": variant == "native", "triples_ahead": True}
+    result = benchmark.pedantic(measure, args=(head_build, head_run, config),
+                                kwargs={"parties": parties, "repeats": pick(1, 5)},
+                                rounds=1, iterations=1)  # fmt: skip
+    for phase in ("offline", "step"):
+        row = write_phase_row(f"reference/{variant}-ahead/mpc{parties}/{phase}", result, phase,
+                              group="reference", config=config, parties=parties,
+                              variant=f"{variant}, triples ahead")  # fmt: skip
+        assert row["bytes_per_party"][1] > 0 or phase == "offline"
+    # online, party 0 no longer talks to the dealer: its rounds are the other parties'
+    rounds = result.rounds_per_party("step")
+    assert rounds[0] == rounds[1], rounds
+
+
 def reference_batch() -> tuple[dict[str, torch.Tensor], train.Dataset]:
     inputs = head_build(**REFERENCE)
     params = {k[2:]: v for k, v in inputs.items() if k.startswith("p.")}

@@ -51,9 +51,11 @@ def head_build(*, batch: int, tokens: int, d_model: int, heads: int, ffn: int, b
 
 def head_run(inputs: dict[str, Any], ops: Any, timer: Any, *, d_model: int, heads: int,
              ffn: int, blocks: int, mode: str = "train", lr: float = 0.1,
-             native: bool = False, **_: Any) -> None:  # fmt: skip
-    """mode "train": phases forward, backward, update and their sum "step";
-    mode "inference": one forward without gradients, phase "inference"."""
+             native: bool = False, triples_ahead: bool = False, **_: Any) -> None:  # fmt: skip
+    """mode "train": phases forward, backward, update and their sum "step"; with triples_ahead
+    also "offline" before it: the step's triples in one dealer request (offline.py; the first,
+    warm-up run records the requests). mode "inference": one forward without gradients,
+    phase "inference"."""
     head = _head(d_model, heads, ffn, blocks, native)
     x, mask, y, counts = inputs["x"], inputs["mask"], inputs["y"], inputs["inv_count"]
     if mode == "inference":
@@ -63,6 +65,11 @@ def head_run(inputs: dict[str, Any], ops: Any, timer: Any, *, d_model: int, head
         return
     params = {k[2:]: ops.leaf(v) for k, v in inputs.items() if k.startswith("p.")}
     sgd = TrainConfig(lr=lr, momentum=0.0, weight_decay=0.0)
+    triples = getattr(ops, "triples", None) if triples_ahead else None
+    if triples_ahead:
+        with timer("offline"):
+            if triples is not None:
+                triples.begin()
     with timer("step"):  # train.train_step, phase by phase
         with timer("forward"):
             logits = head_def.forward(params, x, mask, head, ops, counts)
@@ -70,6 +77,8 @@ def head_run(inputs: dict[str, Any], ops: Any, timer: Any, *, d_model: int, head
             ops.cross_entropy_backward(logits, y)
         with timer("update"):
             train.sgd_step(params, {}, sgd, ops, rows=x.size(0))
+    if triples is not None:
+        triples.end()
 
 
 # --- components, at their shapes inside the step ---------------------------------------------

@@ -54,8 +54,9 @@ def serve_bulk(server: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, An
 
 
 class TripleCache:
-    """One training loop's offline phase (module docstring). `seconds` and `fills` total the
-    offline work; under TFP (no dealer) `step()` does nothing."""
+    """One training loop's offline phase (module docstring): `with cache.step(): ...`, or
+    `begin()` and `end()` around the step. `seconds` and `fills` total the offline work; under
+    TFP (no dealer) nothing happens."""
 
     def __init__(self, crypten: Any) -> None:
         self.crypten = crypten
@@ -65,24 +66,32 @@ class TripleCache:
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
+
+    def begin(self) -> None:
+        """Before a step: start recording (first step), else fill the cache for it."""
         provider = self.crypten.mpc.get_default_provider()
         if getattr(provider, "NAME", "") != "TTP":
-            yield
             return
         if self.requests is None:  # record this step's requests (it runs as usual)
             provider.request_cache = []
             provider.trace(True)
-            try:
-                yield
-            finally:
-                provider.trace(False)
-                self.requests, provider.request_cache = list(provider.request_cache), []
             return
         start = time.perf_counter()
         self._fill(provider)
         self.seconds += time.perf_counter() - start
         self.fills += 1
-        yield
+
+    def end(self) -> None:
+        """After a step: keep what the first step requested."""
+        provider = self.crypten.mpc.get_default_provider()
+        if getattr(provider, "tracing", False):
+            provider.trace(False)
+            self.requests, provider.request_cache = list(provider.request_cache), []
 
     def _fill(self, provider: Any) -> None:
         import crypten.communicator as comm

@@ -19,6 +19,8 @@ Patches (each pinned by a test in tests/test_compat.py):
    party's CPU); `_fast_config` serves them from a plain namespace.
 6. With the TTP provider, every party but 0 computes a throw-away product per Beaver triple
    to learn its shape; `_triples_without_dummy_products` takes the shape from meta tensors.
+7. The dealer runs `offline.dealer_class()`: CrypTen's TTPServer plus a bulk request (a whole
+   step's triples in one message) answered one step ahead (tests/test_offline.py).
 """
 
 from __future__ import annotations
@@ -230,16 +232,6 @@ def _triples_without_dummy_products() -> None:
     TrustedThirdParty._mpcft_meta_shapes = True
 
 
-def _dealer_serves_bulk_requests() -> None:
-    """Patch 7: the dealer answers a list of triple requests in one message (offline.py), as
-    one more method of CrypTen's TTPServer, which dispatches a request's "function" by name."""
-    from crypten.mpc.provider.ttp_provider import TTPServer
-
-    from mpc_ft.offline import BULK, serve_bulk
-
-    setattr(TTPServer, BULK, serve_bulk)
-
-
 def _namespace(tree: Any) -> Any:
     if isinstance(tree, dict):
         return types.SimpleNamespace(**{k: _namespace(v) for k, v in tree.items()})
@@ -274,11 +266,11 @@ def run_dealer(ep: PartyEndpoint, store: Any = None) -> None:
         raise ValueError("the dealer's rank must equal the number of computing parties")
     crypten = import_crypten()
     _configure(crypten, ep)
-    from crypten.mpc.provider.ttp_provider import TTPServer
+    from mpc_ft.offline import dealer_class
 
-    _dealer_serves_bulk_requests()
     with _process_groups(ep.timeout_s, store):
-        TTPServer()  # runs its request loop inside the constructor
+        # Patch 7: CrypTen's TTPServer with a bulk request, answered one step ahead
+        dealer_class()()  # runs its request loop inside the constructor
     _shutdown_process_group()
 
 

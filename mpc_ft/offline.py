@@ -16,13 +16,20 @@ fixed), so, per `TripleCache.step()`:
 3. Online: the step takes its triples from the cache. A request the cache lacks (another shape,
    such as a short last batch, or the overflow watchdog) goes to the dealer as before.
 
-What the dealer sees does not change: shapes and operation names, never data. The dealer's side
-is `serve_bulk` (installed by compat.run_dealer).
+What the dealer sees does not change: shapes and operation names, never data.
+
+The dealer (`dealer_class`, run by compat.run_dealer) is CrypTen's TTPServer with one more
+request, the bulk one, and one change to its loop: right after answering a bulk request it
+computes the answer to the same request again, while the parties run the step, and keeps it
+with its generators' states from before. If the next request is that bulk request, the answer
+is ready; if it is anything else (a request the cache missed), the generators are rolled back
+and the request is served as usual, so every random draw stays in step with the parties'.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -51,6 +58,51 @@ def serve_bulk(server: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, An
     one tensor (TTPServer's loop sends its size, then the tensor, as for any call)."""
     results = [getattr(server, name)(*args, **kwargs).reshape(-1) for name, args, kwargs in calls]
     return torch.cat(results) if results else torch.zeros(0, dtype=torch.long)
+
+
+def dealer_class() -> type:
+    """CrypTen's TTPServer serving bulk requests, one step ahead (module docstring); its
+    constructor runs the request loop until party 0 says "terminate" or a link breaks."""
+    import crypten
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPServer
+
+    class Dealer(TTPServer):
+        def __init__(self) -> None:  # TTPServer.__init__, with `serve` as the loop
+            crypten.init()
+            self.ttp_group = comm.get().ttp_group
+            self.comm_group = comm.get().ttp_comm_group
+            self.device = "cpu"
+            self._setup_generators()
+            try:
+                self.serve()
+            except RuntimeError as err:  # as TTPServer: a broken link ends the loop quietly
+                logging.info("dealer stopping: %s", err)
+
+        def serve(self) -> None:
+            ahead: tuple[Any, list[torch.Tensor], torch.Tensor] | None = None
+            while True:
+                message = comm.get().recv_obj(0, self.ttp_group)
+                if message == "terminate":
+                    return
+                name, args, kwargs = message["function"], message["args"], message["kwargs"]
+                self.device = message["device"]
+                if ahead is not None and name == BULK and args == (ahead[0],):
+                    result = ahead[2]
+                else:
+                    if ahead is not None:  # not the request computed ahead: roll back
+                        for generator, state in zip(self.generators, ahead[1], strict=True):
+                            generator.set_state(state)
+                    result = getattr(self, name)(*args, **kwargs)
+                ahead = None
+                comm.get().send_obj(result.size(), 0, self.ttp_group)
+                comm.get().broadcast(result, comm.get().get_ttp_rank(), self.comm_group)
+                if name == BULK:  # the next step will most likely ask the same
+                    states = [g.get_state() for g in self.generators]
+                    ahead = (args[0], states, serve_bulk(self, args[0]))
+
+    setattr(Dealer, BULK, serve_bulk)
+    return Dealer
 
 
 class TripleCache:

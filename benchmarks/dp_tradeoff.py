@@ -1,6 +1,6 @@
 """Accuracy against epsilon for DP-SGD (dp.py) on Rotten Tomatoes: the demo's data and head.
 
-    .venv/bin/python -m benchmarks.dp_tradeoff            # -> benchmarks/plots/dp_tradeoff.json, .png
+    .venv/bin/python -m benchmarks.dp_tradeoff          # -> benchmarks/plots/dp_tradeoff.*
     .venv/bin/python -m benchmarks.dp_tradeoff --mpc 8    # + MPC runs without DP and at epsilon 8
     .venv/bin/python -m benchmarks.dp_tradeoff --select 8 # how the settings were chosen
 

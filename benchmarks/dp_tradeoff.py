@@ -231,8 +231,9 @@ def select(args: argparse.Namespace) -> None:
                "accuracy_mean": statistics.mean(accs)}  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = HERE / "plots" / "dp_select.json"
-    out.write_text(json.dumps({"setting": vars(args) | {"out": None}, "rows": rows}, indent=2))
+        out = HERE / "plots" / "dp_select.json"  # after every row: a partial run keeps its rows
+        setting = {k: v for k, v in vars(args).items() if k != "out"}
+        out.write_text(json.dumps({"setting": setting, "rows": rows}, indent=2))
 
 
 def plot(rows: list[dict], path: Path) -> None:

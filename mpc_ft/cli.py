@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--dp-max-grad-norm",
         type=float,
-        default=0.2,
-        help="DP clipping norm C (DP runs train at lr 0.15: README)",
+        default=0.1,
+        help="DP clipping norm C (DP runs train at lr 0.5, batches of 128: README)",
     )
 
     party = sub.add_parser("party", help="run one party of a job (one process per host)")

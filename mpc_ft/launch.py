@@ -29,7 +29,9 @@ from mpc_ft.config import NATIVE_HEAD, BackboneConfig, JobConfig, PartyConfig, j
 from mpc_ft.errors import BadInput, PeerFailure
 from mpc_ft.multiparty import free_port
 
-DP_LR = 0.15  # DP-SGD's clipped, noised steps want a larger rate (README "Differential privacy")
+# DP-SGD's clipped, noised steps want larger batches and rate; chosen on a validation split by
+# benchmarks/dp_tradeoff.py --select (README "Differential privacy", with 16 epochs)
+DP_TRAIN = {"lr": 0.5, "batch_size": 128}
 OWNER_NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
 
 
@@ -50,7 +52,7 @@ class DemoOptions:
     head: str = "native"  # the MPC-native head (config.NATIVE_HEAD), or "exact"
     dp_epsilon: float = 0.0  # > 0: DP-SGD on shares calibrated to this epsilon (dp.py)
     dp_microbatches: int = 0  # DP microbatches per batch; 0: per-example clipping
-    dp_max_grad_norm: float = 0.2  # with DP_LR: benchmarks/dp_tradeoff.py (README)
+    dp_max_grad_norm: float = 0.1  # with DP_TRAIN: benchmarks/dp_tradeoff.py (README)
     cache_dir: Path | None = None
     progress: bool = True
     mode: str = "mpc"  # or "federated": FedAvg rounds with MPC secure aggregation
@@ -142,7 +144,7 @@ def build_job(
             "parties": [{"name": p.name, "roles": list(p.roles), "host": p.host} for p in parties],
             "backbone": {"path": opts.backbone, "max_tokens": opts.max_tokens, "layer": layer},
             "train": {"epochs": opts.epochs, "seed": opts.seed, "mode": opts.mode}
-            | ({"lr": DP_LR} if opts.dp_epsilon else {}),
+            | (DP_TRAIN if opts.dp_epsilon else {}),
             "federated": federated,
             "head": NATIVE_HEAD if opts.head == "native" else {},
             "mpc": {"rendezvous": f"tcp://127.0.0.1:{free_port()}"},

@@ -299,8 +299,8 @@ def test_demo_flag_makes_a_dp_job():
     opts = DemoOptions(dp_epsilon=args.dp_epsilon, dp_microbatches=args.dp_microbatches)
     job = build_job(opts, ("neg", "pos"))
     assert job.dp == DpConfig(enabled=True, target_epsilon=8.0, num_microbatches=8,
-                              max_grad_norm=0.2)  # fmt: skip
-    assert job.train.lr == 0.15  # DP's measured rate (README)
+                              max_grad_norm=0.1)  # fmt: skip
+    assert job.train.lr == 0.5 and job.train.batch_size == 128  # DP's chosen settings (README)
     plain = build_job(DemoOptions(), ("neg", "pos"))
     assert not plain.dp.enabled and plain.train.lr == 0.02
 
@@ -314,10 +314,11 @@ def test_dp_demo_end_to_end(tmp_path):
     rep = _demo(tmp_path, "--train-size", "40", "--test-size", "20", "--dp-epsilon", "8",
                 "--dp-microbatches", "8")  # fmt: skip
     assert 7.0 < rep["dp_epsilon"] <= 8.0 and rep["dp_delta"] == 1e-5
-    assert rep["noise_multiplier"] > 0 and rep["max_grad_norm"] == 0.2
-    assert rep["dp_steps"] == rep["steps"] == 2 and rep["dp_sample_rate"] == 32 / 40
+    assert rep["noise_multiplier"] > 0 and rep["max_grad_norm"] == 0.1
+    assert rep["dp_steps"] == rep["steps"] == 1 and rep["dp_sample_rate"] == 1.0
+    assert rep["dp_slots"] == [20, 28]  # all 40 examples, slots filled to whole microbatches of 16
     assert rep["loss_mpc"] == [] == rep["loss_plaintext"]
-    assert [r["what"] for r in rep["reveals"]] == ["watchdog step 2", "test accuracy",
+    assert [r["what"] for r in rep["reveals"]] == ["watchdog step 1", "test accuracy",
                                                    "trained head"]  # fmt: skip
 
 

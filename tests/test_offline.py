@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpc_ft import offline, train
 from mpc_ft import head as head_def
+from mpc_ft import offline, train
 from mpc_ft.config import HeadConfig, TrainConfig
 from mpc_ft.multiparty import run_multiparty
 from mpc_ft.ops import TorchOps

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from mpc_ft import train
 from mpc_ft.config import FederatedConfig, JobConfig
 from mpc_ft.errors import BadInput
-from mpc_ft.ops import TorchOps, reciprocal_in_range
+from mpc_ft.ops import TorchOps, reciprocal_in_range, unflatten
 
 Params = dict[str, torch.Tensor]
 
@@ -128,16 +128,6 @@ def check_total_in_range(weight: Any, fed: FederatedConfig, revealer: Any) -> No
         raise BadInput(f"the data owners' training examples add up to a number outside "
                        f"[{fed.min_examples}, {fed.max_examples}] (federated.min_examples, "
                        "max_examples in the job file)")  # fmt: skip
-
-
-def unflatten(flat: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """Split a flat (shared or plain) vector into named tensors of `shapes`, in order."""
-    out, offset = {}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        out[name] = flat.narrow(0, offset, n).reshape(shape)
-        offset += n
-    return out
 
 
 def run_rounds(

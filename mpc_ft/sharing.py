@@ -13,7 +13,6 @@ Protocol, run identically by every computing party (ranks from the job file, by 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from mpc_ft.config import JobConfig
 from mpc_ft.errors import BadInput
+from mpc_ft.ops import unflatten
 from mpc_ft.train import Dataset
 
 
@@ -188,10 +188,7 @@ class Revealer:
             return crypten.cat([v.reshape(-1) for v in values.values()]).get_plain_text()
 
         flat = self._open(what, "all", len(values), decrypt)
-        sizes = [math.prod(v.size()) for v in values.values()]
-        pieces = flat.split(sizes)
-        return {name: piece.reshape(tuple(v.size()))
-                for (name, v), piece in zip(values.items(), pieces, strict=True)}  # fmt: skip
+        return unflatten(flat, {name: tuple(v.size()) for name, v in values.items()})
 
     def head(self, params: dict[str, Any], to: str) -> dict[str, torch.Tensor] | None:
         """Reveal the trained head to one party only (CrypTen reduces the shares to `dst`)."""

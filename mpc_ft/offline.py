@@ -60,6 +60,23 @@ def serve_bulk(server: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, An
     return torch.cat(results) if results else torch.zeros(0, dtype=torch.long)
 
 
+class _LiveKeys:
+    def __init__(self, tuples: dict) -> None:
+        self.tuples = tuples
+
+    def __contains__(self, request: Any) -> bool:
+        return bool(dict.get(self.tuples, request))
+
+
+class _Tuples(dict):
+    """CrypTen's tuple cache (request -> tuples left). CrypTen keeps a request whose tuples are
+    used up and then fails on it (`pop from empty list`); here it reads as absent, so the
+    request goes to the dealer."""
+
+    def keys(self) -> Any:  # CrypTen asks `request in cache.keys()`
+        return _LiveKeys(self)
+
+
 def dealer_class() -> type:
     """CrypTen's TTPServer serving bulk requests, one step ahead (module docstring); its
     constructor runs the request loop until party 0 says "terminate" or a link breaks."""
@@ -139,17 +156,18 @@ class TripleCache:
         self.fills += 1
 
     def end(self) -> None:
-        """After a step: keep what the first step requested."""
+        """After a step: keep what the first step requested; drop what a step left unused."""
         provider = self.crypten.mpc.get_default_provider()
         if getattr(provider, "tracing", False):
             provider.trace(False)
             self.requests, provider.request_cache = list(provider.request_cache), []
+        provider.tuple_cache = _Tuples()
 
     def _fill(self, provider: Any) -> None:
         import crypten.communicator as comm
         from crypten.mpc.provider.ttp_provider import TTPClient
 
-        provider.tuple_cache = {}  # what an earlier step left unused (a miss-shaped step)
+        provider.tuple_cache = _Tuples()
         client = TTPClient.get()
         first = comm.get().get_rank() == 0
         calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []

@@ -141,6 +141,10 @@ class MpcConfig:
     # true declares that every link between party hosts runs inside a tunnel that encrypts and
     # authenticates it (WireGuard, SSH); without it a non-loopback party prints a loud warning
     secure_tunnel: bool = False
+    # A training step's Beaver triples from one dealer request before it, which the dealer
+    # computes while the previous step runs (offline.py); false: one request per triple, as
+    # CrypTen does (less memory: a step's triples are not held at once)
+    triples_ahead: bool = True
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "accuracy_plaintext_per_epoch": twin["train_accuracy"],
             "seconds_features": max(r.get("seconds_features", 0.0) for r in results.values()),
             "seconds_mpc_train": first["seconds_mpc_train"],
+            "seconds_mpc_offline": first.get("seconds_offline", 0.0),
             "seconds_mpc_eval": first["seconds_eval"],
             "seconds_plaintext_train": twin["seconds"],
             "seconds_total": time.perf_counter() - start,

@@ -197,6 +197,8 @@ def summary_table(report: Mapping[str, Any]) -> str:
         ("Final loss", _last_loss(report["loss_mpc"]), _last_loss(report["loss_plaintext"])),
         ("Training time (s)", f"{mpc_s:.1f}", f"{plain_s:.1f}"),
     ]
+    if report.get("seconds_mpc_offline"):  # within the training time: offline.py
+        rows.append(("  of which offline (s)", f"{report['seconds_mpc_offline']:.1f}", "-"))
     if report.get("max_grad_norm") is not None:
         eps = "none (no noise)"
         if report["dp_epsilon"] is not None:

@@ -53,6 +53,10 @@ CLIP_RANGE = 2.0**20  # largest |g|^2 / C^2 clipped exactly; beyond it a unit is
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 256, 512]
 CLIP_TOL = 1e-3  # relative error of the Newton inverse square root (in exact arithmetic)
 OVERFLOW_SHARE = 0.01  # of delta, for more examples drawn than an owner has slots (sampling.py)
+# Rollbacks of the overflow watchdog a DP run may make (train.train). Each repeats at most
+# train.watchdog_every steps, which are fresh invocations of the mechanism: the accountant counts
+# ROLLBACKS * watchdog_every steps beyond the run's, whether they happen or not.
+ROLLBACKS = 2
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class PrivacySpend:
     steps: int
     microbatch_size: int
     slots: tuple[int, ...] = ()  # per data owner, in rank order (sampling.py)
+    spare_steps: int = 0  # within `steps`: what ROLLBACKS rollbacks may repeat
+    rollbacks: int = 0  # allowed
     overflow_probability: float = 0.0  # of any owner drawing more than its slots, any step
     accountant: str = "rdp (opacus)"
     sampling: str = ("poisson, drawn by each data owner in private into fixed slots padded "
@@ -110,7 +116,8 @@ def spend(cfg: DpConfig, counts: int | Sequence[int], train_cfg: TrainConfig) ->
     counts = [counts] if isinstance(counts, int) else list(counts)
     n = sum(counts)
     q = min(1.0, train_cfg.batch_size / n)
-    steps = steps_of(n, train_cfg)
+    spare = ROLLBACKS * train_cfg.watchdog_every
+    steps = steps_of(n, train_cfg) + spare
     m = microbatch_size(cfg, train_cfg)
     accountant_delta = cfg.delta * (1 - OVERFLOW_SHARE)
     sigma = cfg.noise_multiplier
@@ -135,7 +142,8 @@ def spend(cfg: DpConfig, counts: int | Sequence[int], train_cfg: TrainConfig) ->
     return PrivacySpend(
         epsilon=float(epsilon), delta=cfg.delta, noise_multiplier=float(sigma),
         max_grad_norm=cfg.max_grad_norm, sample_rate=q, steps=steps, microbatch_size=m,
-        slots=tuple(slots), overflow_probability=overflow,
+        slots=tuple(slots), overflow_probability=overflow, spare_steps=spare,
+        rollbacks=ROLLBACKS if spare else 0,
     )  # fmt: skip
 
 
@@ -361,6 +369,7 @@ def report_keys(privacy: dict[str, Any] | None) -> dict[str, Any]:
         "max_grad_norm": p.get("max_grad_norm"),
         "dp_sample_rate": p.get("sample_rate"),
         "dp_steps": p.get("steps"),
+        "dp_spare_steps": p.get("spare_steps"),
         "dp_microbatch_size": p.get("microbatch_size"),
         "dp_slots": list(p["slots"]) if p.get("slots") else None,
         "dp_sampling": p.get("sampling"),

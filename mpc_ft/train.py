@@ -54,6 +54,7 @@ class History:
     seconds: list[float] = field(default_factory=list)
     steps: int = 0
     privacy: dict[str, Any] | None = None  # DP mode: dp.PrivacySpend.as_dict()
+    rollbacks: int = 0  # by the overflow watchdog, in the whole run
 
 
 @dataclass
@@ -143,7 +144,8 @@ def train(
     owners share each step's batch), or a plain Dataset that the twin samples as one owner
     (seeded by train_cfg.seed). No per-epoch loss or
     accuracy is computed or revealed (the accountant does not cover them), and a failed
-    watchdog check stops training instead of retrying (a retry would spend unaccounted steps)."""
+    watchdog check rolls back at most dp.ROLLBACKS times in the whole run (the accountant counts
+    the steps they may repeat), then stops."""
     from mpc_ft import watchdog
 
     if dp is not None and not dp.config.enabled:
@@ -205,11 +207,14 @@ def train(
             bad = watchdog.out_of_range(state.params, ops, reveal_scalars, state.step)
             if bad:
                 retries += 1
-                if retries > watchdog.MAX_RETRIES or privacy is not None:
+                rollbacks = state.history.rollbacks + 1
+                over_budget = privacy is not None and rollbacks > privacy.rollbacks
+                if retries > watchdog.MAX_RETRIES or over_budget:
                     raise watchdog.Overflow(watchdog.advice(bad, state.step, retries - 1))
                 tqdm.write(f"{ops.name}: overflow in {', '.join(bad)} at step {state.step}; "
                            f"rolling back to step {good.step} and retrying")  # fmt: skip
                 state, bar = _snapshot(good, ops), None
+                state.history.rollbacks = rollbacks
                 continue
             good, retries = _snapshot(state, ops), 0
         if state.step % per_epoch:

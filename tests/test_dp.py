@@ -224,7 +224,8 @@ def test_secure_gaussian_is_standard_normal_and_never_repeats():
 def test_accounting_calibrates_to_the_target_and_reports_epsilon():
     cfg = TrainConfig(epochs=2, batch_size=32)
     calibrated = dp.spend(DpConfig(enabled=True, target_epsilon=8.0), 1200, cfg)
-    assert calibrated.steps == 2 * 38 and calibrated.sample_rate == 32 / 1200
+    assert calibrated.steps == 2 * 38 + dp.ROLLBACKS * cfg.watchdog_every
+    assert calibrated.sample_rate == 32 / 1200
     assert calibrated.epsilon <= 8.0 and calibrated.epsilon > 7.0
     fixed = dp.spend(DpConfig(enabled=True, noise_multiplier=calibrated.noise_multiplier * 2),
                      1200, cfg)  # fmt: skip
@@ -258,7 +259,7 @@ def test_dp_training_without_clipping_or_noise_is_plain_training():
                 params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
                 reveal_scalars=train.plaintext_reveal, dp=run,
             )  # fmt: skip
-        assert history.loss == [] and history.privacy["steps"] == 3
+        assert history.loss == [] and history.steps == 3
         for name in plain:
             torch.testing.assert_close(private[name], plain[name], atol=1e-4, rtol=1e-3)
 
@@ -315,16 +316,18 @@ def test_dp_demo_end_to_end(tmp_path):
                 "--dp-microbatches", "8")  # fmt: skip
     assert 7.0 < rep["dp_epsilon"] <= 8.0 and rep["dp_delta"] == 1e-5
     assert rep["noise_multiplier"] > 0 and rep["max_grad_norm"] == 0.1
-    assert rep["dp_steps"] == rep["steps"] == 1 and rep["dp_sample_rate"] == 1.0
+    assert rep["steps"] == 1 and rep["dp_steps"] == 1 + 2 * 10 == 1 + rep["dp_spare_steps"]
+    assert rep["dp_sample_rate"] == 1.0
     assert rep["dp_slots"] == [20, 28]  # all 40 examples, slots filled to whole microbatches of 16
     assert rep["loss_mpc"] == [] == rep["loss_plaintext"]
     assert [r["what"] for r in rep["reveals"]] == ["watchdog step 1", "test accuracy",
                                                    "trained head"]  # fmt: skip
 
 
-def test_an_overflow_under_dp_stops_at_once_instead_of_rolling_back():
-    """Under DP a watchdog failure stops training (a retry would spend steps the accountant does
-    not count); without DP the same run rolls back, retries twice, then stops."""
+def test_under_dp_the_watchdog_rolls_back_only_as_often_as_the_accountant_counted():
+    """A DP run may roll back dp.ROLLBACKS times in all (the accountant counts the steps they may
+    repeat: ROLLBACKS x watchdog_every more), then stops; without DP each failure may be
+    retried twice, however many there are."""
     from mpc_ft import watchdog
 
     x, mask, y = _batch(n=8, seed=5)
@@ -338,11 +341,42 @@ def test_an_overflow_under_dp_stops_at_once_instead_of_rolling_back():
         return train.plaintext_reveal(values, what)
 
     run = dp.DpRun(DpConfig(enabled=True, max_grad_norm=1.0, noise_multiplier=1.0), parties=2)
-    with pytest.raises(watchdog.Overflow, match="at step 1, again after 0 rollback"):
+    privacy = dp.spend(run.config, 8, cfg)
+    assert privacy.rollbacks == dp.ROLLBACKS == 2 and privacy.spare_steps == 2
+    assert privacy.steps == 2 + 2  # 2 steps of the run, 2 that rollbacks may repeat
+    with pytest.raises(watchdog.Overflow, match="at step 1, again after 2 rollback"):
         train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
                     reveal_scalars=reveal, dp=run)  # fmt: skip
-    assert seen.count("watchdog step 1") == 2  # the count, then the flags: no retry
+    assert seen.count("watchdog step 1") == 6  # three tries of count and flags
     seen.clear()
     with pytest.raises(watchdog.Overflow, match="again after 2 rollback"):
         train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps, reveal_scalars=reveal)
-    assert seen.count("watchdog step 1") == 6  # three tries of count and flags
+    assert seen.count("watchdog step 1") == 6
+
+
+def test_dp_rollbacks_are_counted_over_the_whole_run():
+    """Two failures far apart: without DP each gets its retries; under DP the second one
+    exceeds the run's budget of rollbacks if the first used it up."""
+    from mpc_ft import watchdog
+
+    x, mask, y = _batch(n=8, seed=5)
+    data = train.Dataset(x, mask, y)
+    params = head_def.init_params(HEAD, D_IN, 2, seed=1)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.1, momentum=0.0, seed=3, watchdog_every=1)
+    failures = {"watchdog step 2": 2, "watchdog step 5": 1}  # fail the first n checks there
+
+    def reveal(values, what):  # a failed check: the count 1, then the first tensor's flag
+        if failures.get(what, 0) > 0:
+            if len(values) > 1:
+                failures[what] -= 1
+            return [1.0] + [0.0] * (len(values) - 1)
+        return train.plaintext_reveal(values, what)
+
+    run = dp.DpRun(DpConfig(enabled=True, max_grad_norm=1.0, noise_multiplier=1.0), parties=2)
+    with pytest.raises(watchdog.Overflow, match="at step 5"):
+        train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
+                    reveal_scalars=reveal, dp=run)  # fmt: skip
+    failures.update({"watchdog step 2": 2, "watchdog step 5": 1})
+    _, history = train.train(params, data, head=HEAD, train_cfg=cfg, ops=TorchOps,
+                             reveal_scalars=reveal)  # fmt: skip
+    assert history.rollbacks == 3 and history.steps == 6

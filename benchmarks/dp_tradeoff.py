@@ -179,7 +179,7 @@ def main() -> None:
         return DpConfig(enabled=True, target_epsilon=eps, max_grad_norm=args.max_grad_norm,
                         num_microbatches=args.microbatches)  # fmt: skip
 
-    for eps in [None, *args.epsilons]:
+    for eps in [] if args.no_twin else [None, *args.epsilons]:
         start = time.perf_counter()
         results = [twin(data, cfg(s, bool(eps)), dp_cfg(eps) if eps else None) for s in args.seeds]
         accs = [a for a, _ in results]
@@ -204,7 +204,8 @@ def main() -> None:
     setting = {k: v for k, v in vars(args).items() if k != "out"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"setting": setting, "rows": rows}, indent=2, default=str))
-    plot(rows, HERE / "plots" / "dp_tradeoff.png")
+    if any(r["backend"] == "twin" for r in rows):
+        plot(rows, args.out.with_suffix(".png"))
 
 
 # (batch size, epochs, lr, C) tried by --select; C None: without DP

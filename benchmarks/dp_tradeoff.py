@@ -159,6 +159,7 @@ def main() -> None:
         default=0.0,
         help="instead: try SELECT_GRID at this epsilon on a validation split",
     )
+    parser.add_argument("--no-twin", action="store_true", help="only the --mpc runs")
     parser.add_argument("--out", type=Path, default=HERE / "plots" / "dp_tradeoff.json")
     args = parser.parse_args()
     torch.set_num_threads(1)

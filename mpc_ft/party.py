@@ -9,8 +9,10 @@ Steps for every process (computing party or dealer):
 3. Handshake (handshake.py): job token (HMAC over fresh nonces), job fingerprint, versions,
    backbone identity and feature shapes. Any mismatch: every process exits 2.
 4. Start the heartbeat watch; build CrypTen's gloo process group on the same store.
-5. Share data (each owner) and the initial head (the model owner) (sharing.py).
-6. Train on shares (every train.checkpoint_every steps, save this party's shares; with
+5. Share data (each owner; under DP only the test set: each step's training batch is shared
+   as it is drawn, sampling.py) and the initial head (the model owner) (sharing.py).
+6. Train on shares, each step's Beaver triples fetched in one request before it (offline.py;
+   every train.checkpoint_every steps, save this party's shares; with
    --resume, continue from the newest step every party holds: checkpoint.py); reveal
    per-epoch aggregates; evaluate (only the accuracy is revealed).
 7. Reveal the trained head to the model owner alone, who saves it as a plain torch module.

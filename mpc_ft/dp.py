@@ -47,11 +47,12 @@ from mpc_ft.config import DpConfig, HeadConfig, TrainConfig
 from mpc_ft.errors import BadInput
 from mpc_ft.ops import PerUnitOps, unflatten, units
 
-CLIP_RANGE = 2.0**20  # largest |g|^2 / C^2 clipped exactly; beyond it a unit is dropped
+OCTAVES = 10  # clip_factors works by factors of 4 in |g|^2 / C^2, up to CLIP_RANGE = 4^OCTAVES
+CLIP_RANGE = 4.0**OCTAVES  # largest |g|^2 / C^2 clipped exactly (2^20); beyond it a unit is dropped
 # RDP orders for the accountant: Opacus's defaults stop at 63, too low for few steps at a small
 # sample rate ("optimal order is the largest alpha"), which over-states epsilon
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 256, 512]
-CLIP_TOL = 1e-3  # relative error of the Newton inverse square root (in exact arithmetic)
+CLIP_TOL = 1e-5  # relative error of the Newton inverse square root (in exact arithmetic)
 OVERFLOW_SHARE = 0.01  # of delta, for more examples drawn than an owner has slots (sampling.py)
 # Rollbacks of the overflow watchdog a DP run may make (train.train). Each repeats at most
 # train.watchdog_every steps, which are fresh invocations of the mechanism: the accountant counts
@@ -193,15 +194,31 @@ def _is_positive(x: Any) -> Any:
     return bits.to(x.dtype) if isinstance(bits, torch.Tensor) else bits
 
 
-def clip_factors(sq_norms: Any, bounds_sq: torch.Tensor) -> Any:
-    """sq_norms [k] (shares), bounds_sq [k] (public C^2) -> min(1, bound / norm) [k];
-    0 where norm^2 > CLIP_RANGE bound^2 (the unit is dropped, see the module docstring)."""
-    u = sq_norms * (1.0 / bounds_sq)
-    bits = _is_positive(_stack([u - 1.0, u * -1.0 + CLIP_RANGE]))  # one batched comparison
-    over, inside = bits.narrow(0, 0, 1).reshape(-1), bits.narrow(0, 1, 1).reshape(-1)
-    t = (u - 1.0) * over + 1.0  # max(u, 1)
-    t = t * inside + (inside * -1.0 + 1.0) * CLIP_RANGE  # in [1, CLIP_RANGE] (no t - 2^20)
-    return inv_sqrt_in_range(t, 1.0, CLIP_RANGE) * inside
+def clip_factors(sq_norms: Any, max_grad_norm: float) -> Any:
+    """sq_norms [k] (shares) -> min(1, C / norm) [k]; 0 where norm^2 > CLIP_RANGE C^2 (the unit
+    is dropped, see the module docstring).
+
+    By octaves, because 16-bit fixed point cannot run Newton over the whole range: for
+    u = norm^2 / C^2 near 1e6 (reached late in the demo's DP training) the inverse square root
+    is 1e-3 and its square underflows, so Newton saw nothing and the "clipped" unit was scaled UP
+    (a DP run on shares overflowed at step 100). Also, no product here has a large result
+    (CrypTen's truncation of a product fails with probability ~|result| 2^(2 bits - 64)).
+    1. One batched comparison of norm^2 with C^2 4^j (j = 0..OCTAVES) and with CLIP_RANGE C^2.
+    2. Octave j (C^2 4^j < norm^2 <= C^2 4^(j+1)) as a 0/1 share; r = norm^2 / (C^2 4^j) in
+       (1, 4] (products with 0/1 shares are exact); r = 1 where norm^2 <= C^2.
+    3. f = 2^-j / sqrt(r): Newton over [1, 4] times the octave's public 2^-j."""
+    c2 = max_grad_norm**2
+    bounds = [c2 * 4.0**j for j in range(OCTAVES + 1)]
+    bits = _is_positive(_stack([sq_norms - b for b in bounds] + [-sq_norms + c2 * CLIP_RANGE]))
+    above = [bits.narrow(0, j, 1).reshape(-1) for j in range(OCTAVES + 1)]  # norm^2 > bound j
+    inside = bits.narrow(0, OCTAVES + 1, 1).reshape(-1)
+    octave = [above[j] - above[j + 1] for j in range(OCTAVES)]
+    below = above[0] * -1 + 1  # norm <= C: factor 1
+    r = below + sum((sq_norms * octave[j]) * (1.0 / bounds[j]) for j in range(OCTAVES))
+    y = inv_sqrt_in_range(r, 1.0, 4.0)
+    # y times each 0/1 share first: CrypTen keeps those at scale 1, where 2^-j would encode as 0
+    f = y * below + sum((y * octave[j]) * 2.0**-j for j in range(OCTAVES))
+    return f * inside
 
 
 def _stack(values: list[Any]) -> Any:
@@ -301,7 +318,7 @@ def clipped_sum(
     with ops.no_grad():
         flat = _cat([g.grad.reshape(k, -1) for g in leaves.values()], dim=1)  # [k, numel]
         sq = flat.square().sum(1)  # [k]
-        factors = clip_factors(sq, torch.full((k,), float(max_grad_norm) ** 2))
+        factors = clip_factors(sq, float(max_grad_norm))
         summed = (flat * factors.reshape(-1, 1)).sum(0)  # [numel]
     return unflatten(summed, {name: tuple(p.size()) for name, p in params.items()}), k
 

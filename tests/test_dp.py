@@ -77,11 +77,29 @@ def test_inv_sqrt_in_range_is_accurate_over_the_whole_range():
     assert (y * t.sqrt() - 1).abs().max() < 2 * dp.CLIP_TOL
 
 
-def test_clip_factors_are_min_of_one_and_bound_over_norm_and_drop_beyond_range():
-    sq = torch.tensor([0.25, 1.0, 4.0, 100.0, 4.0 * dp.CLIP_RANGE], dtype=torch.float64)
-    f = dp.clip_factors(sq, torch.ones(5, dtype=torch.float64))
-    expected = torch.tensor([1.0, 1.0, 0.5, 0.1, 0.0], dtype=torch.float64)
+@pytest.mark.parametrize("c", [1.0, 0.1, 0.003])
+def test_clip_factors_are_min_of_one_and_bound_over_norm_and_drop_beyond_range(c):
+    sq = torch.tensor([0.25, 1.0, 4.0, 100.0, 1e5, 4.0 * dp.CLIP_RANGE], dtype=torch.float64)
+    f = dp.clip_factors(sq * c**2, c)
+    expected = torch.tensor([1.0, 1.0, 0.5, 0.1, 1e5**-0.5, 0.0], dtype=torch.float64)
     torch.testing.assert_close(f, expected, atol=2e-3, rtol=0)
+
+
+def _clip_party(rank, sq, c):
+    import crypten
+
+    return dp.clip_factors(crypten.cryptensor(sq, src=0), c).get_plain_text()
+
+
+def test_clip_factors_on_shares_keep_every_product_small():
+    """Under MPC, including norms 1e3 C (u = 1e6: computed as a product, its truncation failed
+    about once in 4,000 units at 16 bits, which stopped a DP run at step 110)."""
+    c = 0.1
+    u = torch.cat([torch.tensor([0.25, 1.0, 4.0, 100.0, 1e5, 1e6, 4.0 * dp.CLIP_RANGE]),
+                   torch.full((2000,), 9e5)])  # fmt: skip
+    f = run_multiparty(_clip_party, parties=2, args=(u * c**2, c))[0]
+    expected = torch.where(u <= dp.CLIP_RANGE, 1 / u.clamp(min=1).sqrt(), torch.zeros(()))
+    torch.testing.assert_close(f, expected, atol=3e-3, rtol=0)
 
 
 def test_twin_clipping_matches_opacus_per_sample_clipping():

@@ -8,12 +8,11 @@ One DP-SGD step (the same code on TorchOps for the twin and on MpcOps under Cryp
    PerUnitOps): a unit is one example (dp.num_microbatches = 0) or a microbatch of m
    consecutive slots. Each row's loss gradient is multiplied by its weight, so a dummy
    contributes nothing -> g_j, unit j's summed gradient over all head parameters (shares).
-3. u_j = |g_j|^2 / C^2 on shares (C = max_grad_norm), for all units at once.
-4. Clip factor on shares: f_j = min(1, 1/sqrt(u_j)) = inv_sqrt(max(u_j, 1)), the inverse square
-   root by Newton steps from a public start over the public range [1, CLIP_RANGE]
-   (`inv_sqrt_in_range`: CrypTen's inv_sqrt diverges above 100 and has no autograd; we are
-   outside autograd). The max and the range test are one batched comparison. A unit with
-   u_j > CLIP_RANGE (gradient norm above sqrt(CLIP_RANGE) C) gets f_j = 0: dropping it
+3. |g_j|^2 on shares (C = max_grad_norm), for all units at once.
+4. Clip factor on shares, f_j = min(1, C / |g_j|), by octaves (`clip_factors`): one batched
+   comparison of |g_j|^2 with C^2 4^i, then Newton's inverse square root over [1, 4] within
+   the octave (`inv_sqrt_in_range`: CrypTen's inv_sqrt diverges above 100 and has no autograd;
+   we are outside autograd). A unit with |g_j|^2 > CLIP_RANGE C^2 gets f_j = 0: dropping it
    keeps its contribution's norm <= C, so the guarantee holds.
 5. G = sum_j f_j g_j + N, N ~ N(0, (sigma S)^2) per coordinate (joint noise, below), with S
    the sensitivity: C per example; 2C per microbatch (adding one example to a microbatch can

@@ -27,6 +27,7 @@ probability of that anywhere in training, eta, goes into delta (dp.spend: delta'
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,9 +72,11 @@ def draw(n: int, rate: float, slots: int, rng: random.Random) -> list[int]:
     return index
 
 
+@functools.cache
 def dummy_row(tokens: int, width: int, classes: int) -> Dataset:
     """The public filler of an empty slot: standard normal features (the scale of a hidden
-    state, so that normalisation stays well conditioned), every token real, label 0."""
+    state, so that normalisation stays well conditioned), every token real, label 0. Made once
+    per shape (every step fills slots with it; callers only read it)."""
     gen = torch.Generator().manual_seed(DUMMY_SEED)
     x = torch.randn(1, tokens, width, generator=gen)
     y = torch.zeros(1, classes)

@@ -67,13 +67,14 @@ class Timer:
             phase.rounds.append(after["rounds"] - before["rounds"])
 
 
-def _mpc_party(rank: int, build: Callable, run: Callable, repeats: int) -> dict[str, Phase]:
+def _mpc_party(rank: int, build: Callable, run: Callable, repeats: int,
+               ops_options: dict[str, Any]) -> dict[str, Phase]:  # fmt: skip
     import crypten
 
     from mpc_ft.ops import MpcOps
 
     torch.manual_seed(0)
-    ops = MpcOps(crypten)
+    ops = MpcOps(crypten, **ops_options)
     inputs = {k: crypten.cryptensor(v, src=0) for k, v in build().items()}
     run(inputs, ops, Timer(counting=True))  # warm-up: lazy imports, allocator, caches
     timer = Timer(counting=True)
@@ -118,13 +119,16 @@ def measure(
     parties: int = 2,
     repeats: int = 3,
     timeout_s: float = 900,
+    ops_options: dict[str, Any] | None = None,
 ) -> Result:
-    """The workload under MPC (parties + the dealer) and in plaintext, in this one run."""
+    """The workload under MPC (parties + the dealer) and in plaintext, in this one run.
+    `ops_options`: keyword arguments for MpcOps (e.g. reuse_openings=False)."""
     build = functools.partial(build, **config)
     run = functools.partial(run, **config)
     per_party = run_multiparty(
-        _mpc_party, parties=parties, args=(build, run, repeats), timeout_s=timeout_s
-    )
+        _mpc_party, parties=parties, args=(build, run, repeats, ops_options or {}),
+        timeout_s=timeout_s,
+    )  # fmt: skip
     return Result(mpc=per_party[0], per_party=per_party, plain=plaintext(build, run, repeats))
 
 

@@ -68,6 +68,22 @@ def test_reference_step_with_triples_ahead(benchmark, parties, variant):
     assert rounds[0] == rounds[1], rounds
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_step_with_crypten_autograd(benchmark, variant):
+    """The same online step with CrypTen's own autograd for products (mpc.reuse_openings =
+    false: two fresh Beaver products per product's backward), the "before" of products.py;
+    2 parties, triples ahead."""
+    config = REFERENCE | {"mode": "train", "native": variant == "native", "triples_ahead": True}
+    result = benchmark.pedantic(measure, args=(head_build, head_run, config),
+                                kwargs={"parties": 2, "repeats": pick(1, 5),
+                                        "ops_options": {"reuse_openings": False}},
+                                rounds=1, iterations=1)  # fmt: skip
+    row = write_phase_row(f"reference/{variant}-ahead-crypten-autograd/mpc2/step", result,
+                          "step", group="reference", config=config, parties=2,
+                          variant=f"{variant}, triples ahead, CrypTen's autograd")  # fmt: skip
+    assert row["bytes_per_party"][1] > 0
+
+
 def reference_batch() -> tuple[dict[str, torch.Tensor], train.Dataset]:
     inputs = head_build(**REFERENCE)
     params = {k[2:]: v for k, v in inputs.items() if k.startswith("p.")}

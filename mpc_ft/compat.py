@@ -21,6 +21,24 @@ Patches (each pinned by a test in tests/test_compat.py):
    to learn its shape; `_triples_without_dummy_products` takes the shape from meta tensors.
 7. The dealer runs `offline.dealer_class()`: CrypTen's TTPServer plus a bulk request (a whole
    step's triples in one message) answered one step ahead (tests/test_offline.py).
+8. Every opening of shares went through gloo's all_reduce, which costs about 1.3 ms per call on
+   loopback even for one element (a send/receive pair: 0.16 ms), and every Beaver product and
+   every AND of a comparison opens once: `_open_by_exchange` has each party send its share to
+   every other and add (or XOR) what it receives (same result, same bytes with 2 parties;
+   counted honestly with more).
+9. CrypTen's Beaver product makes three local products per party (eps b, a delta, and eps delta
+   at party 0); `_beaver_with_two_products` folds the third into the first (eps (b + delta) at
+   party 0): the same shares, one product fewer.
+10. CrypTen's autograd differentiates a product by two new Beaver products (four more openings)
+   and also computes the gradient of a public operand; `reuse_openings(True)` registers
+   products.py's functions instead (one opening per product's backward, from a triple with
+   gradient correlations that the TTP provider and the dealer learn to make here).
+11. `MPCTensor([])` (every clone, shallow copy and `from_shares`) was meant to make an empty
+   shell, but its test `tensor is []` is never true, so each call encoded an empty tensor and
+   drew a pseudo-random zero sharing of it; `_empty_mpc_tensors` takes the intended branch.
+12. CrypTen's comparison (`MPCTensor._ltz`, behind <, >, relu, sign) adds the binary shares
+   with a full 64-bit adder to read the top bit; `_sign_by_carry` computes only the carry into
+   it, on packed bits (compare.py): a quarter of the bytes, the same rounds.
 """
 
 from __future__ import annotations
@@ -232,6 +250,155 @@ def _triples_without_dummy_products() -> None:
     TrustedThirdParty._mpcft_meta_shapes = True
 
 
+def _open_by_exchange() -> None:
+    """Patch 8 (module docstring): opening shares (`all_reduce` with SUM, or XOR for binary
+    shares, on the computing parties' group) by a direct exchange. Party i sends its share of
+    every tensor to each other party, then receives theirs and adds (XORs) them: with 2 parties
+    that is what a ring all_reduce sends (n elements each way) in one exchange instead of gloo's
+    several steps. With P > 2 each
+    party sends (P - 1) n elements instead of the ring's 2 (P - 1) / P n, for one exchange
+    instead of 2 (P - 1) steps; CrypTen's counter logs 2 n per call, so the difference is added
+    to its byte count. Any other reduction goes to the original."""
+    import crypten
+    import torch
+    import torch.distributed as dist
+    from crypten.communicator.communicator import _logging
+    from crypten.communicator.distributed_communicator import DistributedCommunicator as cls
+
+    if getattr(cls, "_mpcft_exchange", False):
+        return
+    original = cls.all_reduce.__wrapped__  # under CrypTen's `_logging`, which counts the call
+
+    def all_reduce(self, input, op=dist.ReduceOp.SUM, batched=False):  # noqa: A002, ANN001, ANN202
+        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR):
+            return original(self, input, op=op, batched=batched)
+        xor = op == dist.ReduceOp.BXOR
+        tensors = [t.data.contiguous() for t in (input if batched else [input])]
+        rank, size = self.get_rank(), self.get_world_size()
+        peers = [p for p in range(size) if p != rank]
+        sends = [dist.isend(t, p, group=self.main_group, tag=i)
+                 for i, t in enumerate(tensors) for p in peers]  # fmt: skip
+        results = [t.clone() for t in tensors]
+        for i, out in enumerate(results):
+            for p in peers:
+                received = torch.empty_like(out)
+                dist.recv(received, p, group=self.main_group, tag=i)
+                if xor:
+                    out ^= received
+                else:
+                    out += received  # int64: wraps modulo 2^64, as the shares do
+        for request in sends:
+            request.wait()
+        if size > 2 and crypten.cfg.communicator.verbose:  # what `_logging` counted: 2 n
+            extra = 2 * (size - 2) * sum(t.nelement() for t in tensors)
+            self.comm_bytes += extra * self.BYTES_PER_ELEMENT
+        return results if batched else results[0]
+
+    cls.all_reduce = _logging(all_reduce)
+    cls._mpcft_exchange = True
+
+
+def _beaver_with_two_products() -> None:
+    """Patch 9 (module docstring): CrypTen's Beaver protocol (crypten/mpc/primitives/beaver.py)
+    for z = x op y with a triple (a, b, c = a op b): open eps = x - a and delta = y - b; then
+    z = c + eps op b + a op delta + eps op delta, the last at party 0 only. Since op is bilinear,
+    party 0 computes eps op (b + delta) instead: two local products where CrypTen makes three,
+    bit for bit the same shares. Active security (not used) keeps CrypTen's own."""
+    import crypten
+    import crypten.communicator as comm
+    import torch
+    from crypten.mpc.primitives import ArithmeticSharedTensor, beaver
+
+    if getattr(beaver, "_mpcft_two_products", False):
+        return
+    originals = {op: getattr(beaver, op) for op in ("mul", "matmul")}
+
+    def protocol(op: str) -> Any:
+        def product(x: Any, y: Any) -> Any:  # mul and matmul take no further arguments
+            if crypten.cfg.mpc.active_security:
+                return originals[op](x, y)
+            provider = crypten.mpc.get_default_provider()
+            a, b, c = provider.generate_additive_triple(x.size(), y.size(), op, device=x.device)
+            with beaver.IgnoreEncodings([a, b, x, y]):
+                eps, delta = ArithmeticSharedTensor.reveal_batch([x - a, y - b])
+            fn = getattr(torch, op)
+            b_share = b._tensor + delta if comm.get().get_rank() == 0 else b._tensor
+            c._tensor += fn(eps, b_share)
+            c._tensor += fn(a._tensor, delta)
+            return c
+
+        return product
+
+    for op in originals:
+        setattr(beaver, op, protocol(op))
+    beaver._mpcft_two_products = True
+
+
+def _empty_mpc_tensors() -> None:
+    """Patch 11 (module docstring): MPCTensor([]) as CrypTen meant it, an empty shell whose
+    `_tensor` the caller replaces (all parties skip the same empty draws, so their generators
+    stay in step)."""
+    import torch
+    from crypten.cryptensor import CrypTensor
+    from crypten.mpc import MPCTensor
+    from crypten.mpc.ptype import ptype as Ptype
+
+    if getattr(MPCTensor, "_mpcft_empty", False):
+        return
+    original = MPCTensor.__init__
+
+    def init(self, tensor, ptype=Ptype.arithmetic, device=None, *args, **kwargs):  # noqa: ANN001, ANN202
+        if (
+            isinstance(tensor, list)
+            and not tensor
+            and not args
+            and set(kwargs) <= {"requires_grad"}
+        ):
+            CrypTensor.__init__(self, requires_grad=kwargs.get("requires_grad", False))
+            self._tensor = torch.tensor([], device=device)
+            self.ptype = ptype
+            return
+        original(self, tensor, ptype, device, *args, **kwargs)
+
+    MPCTensor.__init__ = init
+    MPCTensor._mpcft_empty = True
+
+
+def _sign_by_carry() -> None:
+    """Patch 12 (module docstring): MPCTensor._ltz of arithmetic shares by compare.ltz."""
+    from crypten.mpc import MPCTensor
+    from crypten.mpc.ptype import ptype as Ptype
+
+    from mpc_ft import compare
+
+    if getattr(MPCTensor, "_mpcft_carry", False):
+        return
+    original = MPCTensor._ltz
+
+    def ltz(self):  # noqa: ANN001, ANN202
+        if self.ptype != Ptype.arithmetic or self.is_cuda:
+            return original(self)
+        return compare.ltz(self)
+
+    MPCTensor._ltz = ltz
+    MPCTensor._mpcft_carry = True
+
+
+def reuse_openings(on: bool) -> None:
+    """Patch 10 (module docstring): products.py's autograd functions for mul, matmul and square
+    in CrypTen's registry (on), or CrypTen's own (off). The TTP provider gains the triples
+    they use (traceable, so offline.TripleCache fetches them ahead like any other)."""
+    from crypten.mpc.provider.provider import TupleProvider
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty
+
+    from mpc_ft import products
+
+    if products.PROVIDER_METHOD not in TupleProvider.TRACEABLE_FUNCTIONS:
+        TupleProvider.TRACEABLE_FUNCTIONS.append(products.PROVIDER_METHOD)
+        setattr(TrustedThirdParty, products.PROVIDER_METHOD, products.reusable_triple)
+    products.use(on)
+
+
 def _namespace(tree: Any) -> Any:
     if isinstance(tree, dict):
         return types.SimpleNamespace(**{k: _namespace(v) for k, v in tree.items()})
@@ -247,6 +414,10 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     crypten = import_crypten()
     _configure(crypten, ep)
     _triples_without_dummy_products()
+    _open_by_exchange()
+    _beaver_with_two_products()
+    _empty_mpc_tensors()
+    _sign_by_carry()
     _register_autograd_functions(crypten)
     with _process_groups(ep.timeout_s, store):
         crypten.init()

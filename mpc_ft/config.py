@@ -145,6 +145,9 @@ class MpcConfig:
     # computes while the previous step runs (offline.py); false: one request per triple, as
     # CrypTen does (less memory: a step's triples are not held at once)
     triples_ahead: bool = True
+    # A product's backward pass opens only its gradient, reusing the forward pass's openings
+    # (products.py); false: CrypTen's own autograd (two fresh Beaver products per product)
+    reuse_openings: bool = True
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Counted: the online phase of CrypTen's arithmetic secret sharing with the TTP provider, as
 CrypTen's own per-party counters record it (`get_communication_stats`, fed by the `_logging`
 decorator of its communicator): every communicator call is one "round"; bytes are 8 per counted
-element. That is CrypTen's convention, not wire bytes: an all_reduce of n elements counts 2n for
-every party whatever N is, a gather counts (N-1)n at the root and n elsewhere, a received
+element. That is CrypTen's convention: an all_reduce (an opening) of n elements counts 2n (sent
+and received) with 2 parties, and, opened by compat's direct exchange (patch 8), 2 (N - 1) n with
+N, the wire bytes; a gather counts (N-1)n at the root and n elsewhere, a received
 broadcast counts n. Truncation after a fixed-point multiply is local with 2 parties; with 3+ it
 is CrypTen's wrap-count protocol (a dealer call, a gather to party 0).
 
@@ -75,6 +76,13 @@ def _all(nbytes: float, rounds: int) -> Cost:
     return Cost(nbytes, rounds, nbytes, rounds)
 
 
+def _opening(counted: float, parties: int) -> Cost:
+    """One opening (an all_reduce, arithmetic or XOR) of tensors CrypTen counts as `counted`
+    bytes (2 per element: sent and received). compat's patch 8 opens by a direct exchange: each
+    party sends its share to each other party, (P - 1) times what CrypTen counts with 2."""
+    return _all(counted * (parties - 1), 1)
+
+
 def _dealer(numel: int, ndim: int) -> Cost:
     """Party 0 fetches its share of one tuple: send_obj request, recv_obj size, broadcast."""
     return Cost(bytes0=REQUEST_BYTES + SIZE_BYTES + ELEMENT * (ndim + numel), rounds0=3)
@@ -85,7 +93,7 @@ def _dealer(numel: int, ndim: int) -> Cost:
 
 def open_(numel: int, parties: int) -> Cost:
     """get_plain_text / reveal: one all_reduce of the shares (counted as 2 * numel elements)."""
-    return _all(2 * ELEMENT * numel, 1)
+    return _opening(2 * ELEMENT * numel, parties)
 
 
 def public_mul(numel: int, parties: int, *, ndim: int = 1) -> Cost:
@@ -97,16 +105,16 @@ def public_mul(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     return _dealer(numel, ndim) + Cost(ELEMENT * numel, 1, root, 1)
 
 
-def _beaver(x_numel: int, y_numel: int, out_numel: int, ndim: int) -> Cost:
+def _beaver(x_numel: int, y_numel: int, out_numel: int, ndim: int, parties: int) -> Cost:
     """Beaver product without truncation: dealer triple, one batched opening of x-a and y-b."""
-    return _dealer(out_numel, ndim) + _all(2 * ELEMENT * (x_numel + y_numel), 1)
+    return _dealer(out_numel, ndim) + _opening(2 * ELEMENT * (x_numel + y_numel), parties)
 
 
 def mul(numel: int, parties: int, *, y_numel: int | None = None, ndim: int = 1) -> Cost:
     """secret * secret elementwise (y may broadcast: `y_numel`): Beaver triple, one opening of
     epsilon and delta together, then the truncation of the numel products."""
     y = numel if y_numel is None else y_numel
-    return _beaver(numel, y, numel, ndim) + public_mul(numel, parties, ndim=ndim)
+    return _beaver(numel, y, numel, ndim, parties) + public_mul(numel, parties, ndim=ndim)
 
 
 def matmul(m: int, k: int, n: int, parties: int, batch: int = 1, *, ndim: int | None = None
@@ -116,7 +124,9 @@ def matmul(m: int, k: int, n: int, parties: int, batch: int = 1, *, ndim: int | 
     otherwise 3 (the batch dims flattened; e.g. 4 for [B,H,T,hs] @ [B,H,hs,T])."""
     ndim = (2 if batch == 1 else 3) if ndim is None else ndim
     out = batch * m * n
-    return _beaver(batch * m * k, batch * k * n, out, ndim) + public_mul(out, parties, ndim=ndim)
+    return _beaver(batch * m * k, batch * k * n, out, ndim, parties) + public_mul(
+        out, parties, ndim=ndim
+    )
 
 
 def square(numel: int, parties: int, *, ndim: int = 1) -> Cost:
@@ -127,19 +137,19 @@ def square(numel: int, parties: int, *, ndim: int = 1) -> Cost:
 # --- comparisons: arithmetic -> binary, adder circuit, bit -> arithmetic --------------------------
 
 
-def _and(numel: int, ndim: int) -> Cost:
+def _and(numel: int, ndim: int, parties: int) -> Cost:
     """Binary AND: dealer triple, one opening of x^a and y^b."""
-    return _dealer(numel, ndim) + _all(4 * ELEMENT * numel, 1)
+    return _dealer(numel, ndim) + _opening(4 * ELEMENT * numel, parties)
 
 
-def _b2a_bit(numel: int, ndim: int) -> Cost:
+def _b2a_bit(numel: int, ndim: int, parties: int) -> Cost:
     """One shared bit to arithmetic: dealer bit pair, one opening of x ^ r."""
-    return _dealer(numel, ndim) + _all(2 * ELEMENT * numel, 1)
+    return _dealer(numel, ndim) + _opening(2 * ELEMENT * numel, parties)
 
 
-def _binary_add(numel: int, ndim: int) -> Cost:
+def _binary_add(numel: int, ndim: int, parties: int) -> Cost:
     """circuit.add: S = x & y, then 6 carry-tree ANDs on the stacked [S, P] (2 * numel)."""
-    return _and(numel, ndim) + LOG_BITS * _and(2 * numel, ndim + 1)
+    return _and(numel, ndim, parties) + LOG_BITS * _and(2 * numel, ndim + 1, parties)
 
 
 def _a2b(numel: int, parties: int, ndim: int) -> Cost:
@@ -147,27 +157,38 @@ def _a2b(numel: int, parties: int, ndim: int) -> Cost:
     summed by binary adders in a tree over the stacked [parties, ...] tensor."""
     cost, k = Cost(), parties
     while k > 1:
-        cost += _binary_add((k // 2) * numel, ndim + 1)
+        cost += _binary_add((k // 2) * numel, ndim + 1, parties)
         k -= k // 2
     return cost
 
 
 def ltz(numel: int, parties: int, *, ndim: int = 1) -> Cost:
-    """x < 0 (also sign, lt, gt, ge, le): A2B, take the top bit, one bit back to arithmetic.
-    2 parties: 8 rounds (7 ANDs + 1 opening); 3 parties: 15."""
-    return _a2b(numel, parties, ndim) + _b2a_bit(numel, ndim)
+    """x < 0 (also sign, lt, gt, ge, le), as compat patch 12 computes it (compare.py): with
+    P > 2 parties, CrypTen's full adders on x's shape down to two operands; then the carry into
+    the top bit on the flattened words, padded to a multiple of 64: an AND of all of them and
+    one per level on 1/2, 1/4, ... 1/32 as many (bits packed); one bit back to arithmetic
+    (flattened). 2 parties: 8 rounds; 3 parties: 15. (CrypTen's own: a full adder, 13 AND-words
+    per element instead of about 3.)"""
+    cost = Cost()
+    for _ in range(parties - 2):
+        cost += _binary_add(numel, ndim, parties)
+    words = -(-numel // 64) * 64
+    cost += _and(words, 1, parties)
+    for level in range(6):
+        cost += _and(words >> level, 1, parties)
+    return cost + _b2a_bit(numel, 1, parties)
 
 
 def relu(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     """x * (x >= 0): ltz, then a Beaver product by a 0/1 value (scale 1: no truncation)."""
-    return ltz(numel, parties, ndim=ndim) + _beaver(numel, numel, numel, ndim)
+    return ltz(numel, parties, ndim=ndim) + _beaver(numel, numel, numel, ndim, parties)
 
 
 def _eq(numel: int, parties: int, ndim: int) -> Cost:
     """x == y. 2 parties: equality circuit on binary shares (6 ANDs) and bit to arithmetic;
     3+: 1 - (ltz(d) + ltz(-d)), both in one ltz of the stacked [d, -d]."""
     if parties == 2:
-        return LOG_BITS * _and(numel, ndim) + _b2a_bit(numel, ndim)
+        return LOG_BITS * _and(numel, ndim, parties) + _b2a_bit(numel, ndim, parties)
     return ltz(2 * numel, parties, ndim=ndim + 1)
 
 
@@ -177,8 +198,8 @@ def _eq(numel: int, parties: int, ndim: int) -> Cost:
 def _weighted_index(rows: int, cols: int, parties: int, bits: int, ndim: int) -> Cost:
     """Random tie-break of a one-hot [rows, cols]: crypten.rand per row (bits B2A conversions),
     a Beaver product by the row total, and cumsum > r (ltz)."""
-    rand = _b2a_bit(bits * rows, ndim + 1)
-    return rand + _beaver(rows, rows, rows, ndim) + ltz(rows * cols, parties, ndim=ndim)
+    rand = _b2a_bit(bits * rows, ndim + 1, parties)
+    return rand + _beaver(rows, rows, rows, ndim, parties) + ltz(rows * cols, parties, ndim=ndim)
 
 
 def _pairwise_max(rows: int, m: int, parties: int, bits: int, ndim: int) -> Cost:
@@ -188,10 +209,10 @@ def _pairwise_max(rows: int, m: int, parties: int, bits: int, ndim: int) -> Cost
     cost = ltz(k * rows * m, parties, ndim=ndim + 1)
     while k > 1:
         half = (k // 2) * rows * m
-        cost += _beaver(half, half, half, ndim + 1)
+        cost += _beaver(half, half, half, ndim + 1, parties)
         k -= k // 2
     cost += _weighted_index(rows, m, parties, bits, ndim)
-    return cost + _beaver(rows * m, rows * m, rows * m, ndim)
+    return cost + _beaver(rows * m, rows * m, rows * m, ndim, parties)
 
 
 def max_(rows: int, cols: int, parties: int, *, precision_bits: int = PRECISION_BITS) -> Cost:
@@ -200,7 +221,7 @@ def max_(rows: int, cols: int, parties: int, *, precision_bits: int = PRECISION_
     cost, m = Cost(), cols
     for _ in range(int(math.log(cols))):
         half = rows * (m // 2)
-        cost += ltz(half, parties, ndim=2) + 2 * _beaver(half, half, half, 2)
+        cost += ltz(half, parties, ndim=2) + 2 * _beaver(half, half, half, 2, parties)
         m -= m // 2
     cost += _pairwise_max(rows, m, parties, precision_bits, 2)
     eq = _eq(rows * cols, parties, 2)
@@ -234,7 +255,7 @@ def reciprocal(numel: int, parties: int, *, all_pos: bool = False, ndim: int = 1
     ltz, |x| = sign * x and the result times sign (two Beaver products, no truncation)."""
     cost = _newton_reciprocal(numel, parties, RECIPROCAL_NR_ITERS, False, ndim)
     if not all_pos:
-        cost += ltz(numel, parties, ndim=ndim) + 2 * _beaver(numel, numel, numel, ndim)
+        cost += ltz(numel, parties, ndim=ndim) + 2 * _beaver(numel, numel, numel, ndim, parties)
     return cost
 
 
@@ -265,7 +286,7 @@ def log(numel: int, parties: int, *, ndim: int = 1) -> Cost:
 def sigmoid(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     """Default method "reciprocal": ltz, |x| = x * sign, exp(-|x|), 3 NR steps from 0.75 for
     1/(1 + exp(-|x|)), then where(ltz, ...) (two Beaver products; 0/1 factors: no truncation)."""
-    bit_mul = _beaver(numel, numel, numel, ndim)
+    bit_mul = _beaver(numel, numel, numel, ndim, parties)
     one_over = _newton_reciprocal(numel, parties, SIGMOID_NR_ITERS, True, ndim)
     return ltz(numel, parties, ndim=ndim) + exp(numel, parties, ndim=ndim) + one_over + 3 * bit_mul
 
@@ -331,7 +352,7 @@ def center(rows: int, d: int, parties: int, *, ndim: int = 2) -> Cost:
 def gelu(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     """MpcOps.gelu (ops.GELU_EXP): x < 0, x * [x < 0] (a 0/1 factor: no truncation), t^2,
     t^2 * t, three public multiplies and exp for E, t * E, and * 0.5."""
-    return (ltz(numel, parties, ndim=ndim) + _beaver(numel, numel, numel, ndim)
+    return (ltz(numel, parties, ndim=ndim) + _beaver(numel, numel, numel, ndim, parties)
             + square(numel, parties, ndim=ndim) + 2 * mul(numel, parties, ndim=ndim)
             + 4 * public_mul(numel, parties, ndim=ndim)
             + exp(numel, parties, ndim=ndim))  # fmt: skip

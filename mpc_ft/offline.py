@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from mpc_ft import products
+
 BULK = "mpcft_bulk"  # the dealer's method for a list of requests (compat patches it in)
 
 
@@ -50,6 +52,8 @@ def result_size(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tor
         return torch.broadcast_shapes(args[0], args[1])
     if name in ("square", "wraps", "B2A"):
         return torch.Size(args[0])
+    if name == products.DEALER_METHOD:  # (op, size0, size1): products.dealer_answer, flat
+        return torch.Size([sum(s.numel() for s in products.correlation_sizes(*args))])
     raise ValueError(f"unknown dealer call {name!r}")
 
 
@@ -78,7 +82,8 @@ class _Tuples(dict):
 
 
 def dealer_class() -> type:
-    """CrypTen's TTPServer serving bulk requests, one step ahead (module docstring); its
+    """CrypTen's TTPServer serving bulk requests, one step ahead (module docstring), and the
+    triples with gradient correlations of products.py; its
     constructor runs the request loop until party 0 says "terminate" or a link breaks."""
     import crypten
     import crypten.communicator as comm
@@ -119,6 +124,7 @@ def dealer_class() -> type:
                     ahead = (args[0], states, serve_bulk(self, args[0]))
 
     setattr(Dealer, BULK, serve_bulk)
+    setattr(Dealer, products.DEALER_METHOD, products.dealer_answer)
     return Dealer
 
 

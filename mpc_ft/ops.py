@@ -175,11 +175,15 @@ class MpcOps(TorchOps):
 
     name = "mpc"
 
-    def __init__(self, crypten: Any, triples_ahead: bool = True) -> None:
+    def __init__(self, crypten: Any, triples_ahead: bool = True, reuse_openings: bool = True
+                 ) -> None:  # fmt: skip
+        """triples_ahead: offline.py; reuse_openings: products.py (set for this process)."""
+        from mpc_ft import compat
         from mpc_ft.offline import TripleCache
 
         self.crypten = crypten
         self.triples = TripleCache(crypten) if triples_ahead else None
+        compat.reuse_openings(reuse_openings)
 
     def step_triples(self) -> contextlib.AbstractContextManager:
         """The step's Beaver triples from one dealer request made just before it (offline.py)."""

@@ -317,7 +317,8 @@ def _compute(
     seconds_sharing = time.perf_counter() - t1
 
     policy = sharing.declared_reveals(job, has_test=shared["test"] is not None)
-    ops = MpcOps(crypten, triples_ahead=job.mpc.triples_ahead)
+    ops = MpcOps(crypten, triples_ahead=job.mpc.triples_ahead,
+                 reuse_openings=job.mpc.reuse_openings)  # fmt: skip
     resume = None
     step = handshake.resume_step(everyone, {p.name for p in job.compute_parties})
     if step:

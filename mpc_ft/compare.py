@@ -18,8 +18,10 @@ only a halving tree over the 63 lower bit positions:
    position bitreverse(i div W) (the merges' order). The sign bit is p_63 ^ carry, turned into an
    arithmetic sharing by CrypTen's B2A of one bit.
 
-About 3n AND-words instead of 13n, in the same 8 rounds (2 parties). With more parties the
-shares are first summed by CrypTen's full adders down to two operands. Everything but the ANDs
+About 3n AND-words instead of 13n, in the same 8 rounds (2 parties). With P > 2 parties the
+P shares are first reduced to two operands by carry-save steps, a + b + c = (a ^ b ^ c) +
+2 maj(a, b, c) with maj = ((a ^ c) & (b ^ c)) ^ c: one AND of n words and one round each, where
+CrypTen sums them with full adders (13 AND-words and 7 rounds each). Everything but the ANDs
 and the B2A is local bit shifting and masking of each party's binary share.
 """
 
@@ -92,8 +94,9 @@ def ltz(x: Any) -> Any:
 
     share = x._tensor.share
     parts = [BinarySharedTensor(share, src=i) for i in range(comm.get().get_world_size())]
-    while len(parts) > 2:  # CrypTen's full adders, down to two operands
-        parts = [parts[0] + parts[1], *parts[2:]]
+    while len(parts) > 2:  # carry-save: a + b + c = (a ^ b ^ c) + 2 maj(a, b, c), one AND
+        a, b, c, *rest = parts
+        parts = [a ^ b ^ c, (((a ^ c) & (b ^ c)) ^ c) << 1, *rest]
     bits = BinarySharedTensor.from_shares(carry_sign(parts[0].share, parts[1].share))
     bits.encoder = x._tensor.encoder
     precision = 0 if x.encoder.scale == 1 else None

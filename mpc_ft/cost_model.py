@@ -147,31 +147,17 @@ def _b2a_bit(numel: int, ndim: int, parties: int) -> Cost:
     return _dealer(numel, ndim) + _opening(2 * ELEMENT * numel, parties)
 
 
-def _binary_add(numel: int, ndim: int, parties: int) -> Cost:
-    """circuit.add: S = x & y, then 6 carry-tree ANDs on the stacked [S, P] (2 * numel)."""
-    return _and(numel, ndim, parties) + LOG_BITS * _and(2 * numel, ndim + 1, parties)
-
-
-def _a2b(numel: int, parties: int, ndim: int) -> Cost:
-    """Arithmetic to binary: every party's share becomes a binary sharing (free); they are
-    summed by binary adders in a tree over the stacked [parties, ...] tensor."""
-    cost, k = Cost(), parties
-    while k > 1:
-        cost += _binary_add((k // 2) * numel, ndim + 1, parties)
-        k -= k // 2
-    return cost
-
-
 def ltz(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     """x < 0 (also sign, lt, gt, ge, le), as compat patch 12 computes it (compare.py): with
-    P > 2 parties, CrypTen's full adders on x's shape down to two operands; then the carry into
+    P > 2 parties, P - 2 carry-save steps on x's shape (an AND each) down to two operands; then
+    the carry into
     the top bit on the flattened words, padded to a multiple of 64: an AND of all of them and
     one per level on 1/2, 1/4, ... 1/32 as many (bits packed); one bit back to arithmetic
-    (flattened). 2 parties: 8 rounds; 3 parties: 15. (CrypTen's own: a full adder, 13 AND-words
-    per element instead of about 3.)"""
+    (flattened). 2 parties: 8 rounds; 3 parties: 9. (CrypTen's own: full adders, 13 AND-words
+    per element and 7 rounds each: 8 rounds with 2 parties, 15 with 3.)"""
     cost = Cost()
     for _ in range(parties - 2):
-        cost += _binary_add(numel, ndim, parties)
+        cost += _and(numel, ndim, parties)
     words = -(-numel // 64) * 64
     cost += _and(words, 1, parties)
     for level in range(6):

@@ -53,11 +53,12 @@ def test_public_mul_is_free_for_two_parties_only():
 
 
 def test_ltz_two_parties():
-    # A2B: one binary adder = 1 AND of n (4n elements opened) + 6 ANDs of 2n (8n each),
-    # then one bit opened back (2n): (4 + 48 + 2) * n * 8 B = 432 n B in 8 rounds
-    assert (cm.ltz(10, 2).bytes, cm.ltz(10, 2).rounds) == (4320, 8)
-    # 3 parties: two adders in the tree over the 3 stacked shares, every opening twice
-    assert (cm.ltz(10, 3).bytes, cm.ltz(10, 3).rounds) == (2 * (2 * 4160 + 160), 15)
+    # compare.py: 10 elements padded to 64 words: an AND of 64 words (4 counted elements each:
+    # two tensors opened, sent and received), ANDs of 64, 32, ..., 2 words for the six levels,
+    # then the bits back to arithmetic (2 per element): (256 + 504 + 20) * 8 B in 8 rounds
+    assert (cm.ltz(10, 2).bytes, cm.ltz(10, 2).rounds) == (6240, 8)
+    # 3 parties: first one carry-save AND of the 10 words, every opening sent to two peers
+    assert (cm.ltz(10, 3).bytes, cm.ltz(10, 3).rounds) == (2 * (6240 + 320), 9)
 
 
 def test_cost_arithmetic():
@@ -153,19 +154,21 @@ def test_composites_contain_their_parts(parties):
 
 @pytest.mark.parametrize("parties", [2, 3])
 def test_more_dimensions_cost_party0_8_bytes_per_dealer_call(parties):
-    # party 0's extra rounds are its dealer calls, 3 each; each returns a torch.Size 8 B longer
+    # party 0's extra rounds are its dealer calls, 3 each; each returns a torch.Size 8 B longer,
+    # but for the 8 calls of every comparison's carry tree and bit conversion (compare.py works
+    # on flattened words)
     p = parties
-    pairs = [(cm.linear(6, 4, 5, p), cm.linear(6, 4, 5, p, ndim=3)),
-             (cm.matmul(3, 2, 3, p, batch=4), cm.matmul(3, 2, 3, p, batch=4, ndim=4)),
-             (cm.layer_norm(6, 6, p), cm.layer_norm(6, 6, p, ndim=3)),
-             (cm.center(6, 6, p), cm.center(6, 6, p, ndim=3)),
-             (cm.gelu(12, p, ndim=2), cm.gelu(12, p, ndim=3)),
-             (cm.quad_activation(12, p, ndim=2), cm.quad_activation(12, p, ndim=3)),
+    pairs = [(cm.linear(6, 4, 5, p), cm.linear(6, 4, 5, p, ndim=3), 0),
+             (cm.matmul(3, 2, 3, p, batch=4), cm.matmul(3, 2, 3, p, batch=4, ndim=4), 0),
+             (cm.layer_norm(6, 6, p), cm.layer_norm(6, 6, p, ndim=3), 0),
+             (cm.center(6, 6, p), cm.center(6, 6, p, ndim=3), 0),
+             (cm.gelu(12, p, ndim=2), cm.gelu(12, p, ndim=3), 1),
+             (cm.quad_activation(12, p, ndim=2), cm.quad_activation(12, p, ndim=3), 0),
              (cm.masked_softmax(12, 3, p, mask_rows=2, ndim=3),
-              cm.masked_softmax(12, 3, p, mask_rows=2, ndim=4))]  # fmt: skip
-    for low, high in pairs:
+              cm.masked_softmax(12, 3, p, mask_rows=2, ndim=4), 2)]  # fmt: skip
+    for low, high, comparisons in pairs:
         assert (high.bytes, high.rounds, high.rounds0) == (low.bytes, low.rounds, low.rounds0)
-        dealer_calls = (low.rounds0 - low.rounds) // 3
+        dealer_calls = (low.rounds0 - low.rounds) // 3 - 8 * comparisons
         assert dealer_calls > 0 and high.bytes0 - low.bytes0 == 8 * dealer_calls
 
 
@@ -332,8 +335,9 @@ def test_party0_alone_pays_the_dealer(measured):
     party0, party1 = (measured[2][r]["mul"] for r in (0, 1))
     assert (party0[0] - party1[0], party0[1] - party1[1]) == (DEALER_1D + 80, 3)
     # the head's 4-D softmax: party 1 counts what the same sizes in 2-D cost; party 0 8 B more
-    # for each of the 2 extra dimensions of every torch.Size the dealer sends it
+    # for each of the 2 extra dimensions of every torch.Size the dealer sends it, but for the
+    # 8 flat calls of each of the row max's 2 comparisons (compare.py)
     flat = cm.masked_softmax(12, 3, 2, mask_rows=2)
-    dealer_calls = (flat.rounds0 - flat.rounds) // 3
+    dealer_calls = (flat.rounds0 - flat.rounds) // 3 - 8 * 2
     assert measured[2][1]["head_softmax"] == flat.party(1)
     assert measured[2][0]["head_softmax"] == (flat.bytes0 + 8 * 2 * dealer_calls, flat.rounds0)

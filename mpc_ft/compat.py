@@ -39,6 +39,9 @@ Patches (each pinned by a test in tests/test_compat.py):
 12. CrypTen's comparison (`MPCTensor._ltz`, behind <, >, relu, sign) adds the binary shares
    with a full 64-bit adder to read the top bit; `_sign_by_carry` computes only the carry into
    it, on packed bits (compare.py): a quarter of the bytes, the same rounds.
+13. Every attribute read of a CrypTensor (hundreds per operation) goes through CrypTen's debug
+   wrapper, which reads `cfg.debug.validation_mode` each time; mpc_ft never turns that mode
+   on, so `_attribute_reads_without_validation` removes the wrapper.
 """
 
 from __future__ import annotations
@@ -187,6 +190,9 @@ def _fast_config(crypten: types.ModuleType) -> None:
         return node, last
 
     def getattribute(self: Any, name: str) -> Any:
+        top = object.__getattribute__(self, "__dict__").get("_mpcft_values")
+        if top is not None and name in top.__dict__:  # a section ("mpc", "debug", ...): no
+            return top.__dict__[name]  # failed lookup and exception per read, as below
         try:
             return object.__getattribute__(self, name)
         except AttributeError:
@@ -364,6 +370,18 @@ def _empty_mpc_tensors() -> None:
     MPCTensor._mpcft_empty = True
 
 
+def _attribute_reads_without_validation(crypten: types.ModuleType) -> None:
+    """Patch 13 (module docstring): CrypTensor.__getattribute__ without CrypTen's validation
+    wrapper (crypten/debug: `register_validation`), which only acts in validation mode."""
+    from crypten.cryptensor import CrypTensor
+
+    if crypten.cfg.debug.validation_mode:
+        raise RuntimeError("mpc_ft does not support CrypTen's debug validation mode")
+    wrapped = CrypTensor.__dict__["__getattribute__"]
+    if hasattr(wrapped, "__wrapped__"):
+        CrypTensor.__getattribute__ = wrapped.__wrapped__
+
+
 def _sign_by_carry() -> None:
     """Patch 12 (module docstring): MPCTensor._ltz of arithmetic shares by compare.ltz."""
     from crypten.mpc import MPCTensor
@@ -418,6 +436,7 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     _beaver_with_two_products()
     _empty_mpc_tensors()
     _sign_by_carry()
+    _attribute_reads_without_validation(crypten)
     _register_autograd_functions(crypten)
     with _process_groups(ep.timeout_s, store):
         crypten.init()

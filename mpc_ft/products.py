@@ -15,7 +15,8 @@ a^T @ r; for x * y: r * b and a * r, summed over broadcast dims; for x^2, b = a 
    computes locally from the public e, d, f and its shares of g, a, b and the dealer's products:
        dx = g op_x y = g op_x d + f op_x b + [r op_x b]       (op_x: g * y, or g @ y^T)
        dy = x op_y g = e op_y g + a op_y f + [a op_y r]       (op_y: x * g, or x^T @ g)
-   and truncates; only the gradients that some input needs are computed. x^2: dx = 2 (x * g).
+   and truncates both at once; only the gradients that some input needs are computed.
+   x^2: dx = 2 (x * g).
    A public operand's product is local both ways (no triple, no gradient for it).
 
 Security (semi-honest, as CrypTen's): e, d and f are each masked by a fresh uniformly random ring
@@ -126,14 +127,20 @@ def _open(shares: list[torch.Tensor]) -> list[torch.Tensor]:
     return comm.get().all_reduce(shares, batched=True)
 
 
-def _shared(like: Any, share: torch.Tensor) -> Any:
-    """An MPCTensor holding `share` at `like`'s scale squared, truncated to `like`'s scale."""
+def _shared(like: Any, *shares: torch.Tensor) -> Any:
+    """MPCTensors holding `shares` at `like`'s scale squared, truncated to `like`'s scale: one
+    truncation for all (with 3+ parties each is a round: CrypTen's wrap count)."""
     from crypten.mpc import MPCTensor
 
     bits = like.encoder._precision_bits
-    out = MPCTensor.from_shares(share, precision=bits)
+    flat = torch.cat([t.reshape(-1) for t in shares]) if len(shares) > 1 else shares[0]
+    out = MPCTensor.from_shares(flat, precision=bits)
     out._tensor.div_(like.encoder.scale)
-    return out
+    if len(shares) == 1:
+        return out
+    parts = torch.split(out._tensor.share, [t.numel() for t in shares])
+    return [MPCTensor.from_shares(part.view(t.size()), precision=bits)
+            for part, t in zip(parts, shares, strict=True)]  # fmt: skip
 
 
 def _eligible(op: str, x: Any, y: Any) -> bool:
@@ -194,16 +201,16 @@ def _backward(ctx: Any, g: Any) -> tuple[Any, Any]:
     size0, size1, e, d, a, b, r, corr_x, corr_y, need_x, need_y = saved
     gs = g._tensor.share
     (f,) = _open([gs - r])
-    dx = dy = None
     if op == "square":
-        if need_x:  # 2 x g = 2 (e g + a f + [a r])
-            dx = _shared(g, (e * gs + a * f + corr_y) * 2)
-        return dx, None
+        # 2 x g = 2 (e g + a f + [a r])
+        return (_shared(g, (e * gs + a * f + corr_y) * 2) if need_x else None), None
     if need_x:
-        dx = _shared(g, sum_to(_grad_x(op, gs, d) + _grad_x(op, f, b), size0) + corr_x)
+        dx = sum_to(_grad_x(op, gs, d) + _grad_x(op, f, b), size0) + corr_x
     if need_y:
-        dy = _shared(g, sum_to(_grad_y(op, e, gs) + _grad_y(op, a, f), size1) + corr_y)
-    return dx, dy
+        dy = sum_to(_grad_y(op, e, gs) + _grad_y(op, a, f), size1) + corr_y
+    if need_x and need_y:
+        return tuple(_shared(g, dx, dy))
+    return (_shared(g, dx) if need_x else None), (_shared(g, dy) if need_y else None)
 
 
 @cache

@@ -174,3 +174,56 @@ def test_fast_config_reads_overrides_and_sets_like_crypten():
         cfg.mpc.provider = provider
     with pytest.raises(AttributeError):
         cfg.functions.no_such_setting  # noqa: B018
+
+
+def _protocol_patches_party(rank):
+    import crypten
+    import crypten.communicator as comm
+    import torch.distributed as dist
+    from crypten.cryptensor import CrypTensor
+    from crypten.mpc import MPCTensor
+
+    size = comm.get().get_world_size()
+    out = {}
+    # patch 8: openings by exchange equal the sum (XOR) of every party's share, batched or not
+    mine = [torch.arange(5) * (rank + 1), torch.full((2, 3), 1 << rank)]
+    before = compat.communication_stats()["bytes"]
+    out["sum"] = comm.get().all_reduce(mine, batched=True)
+    out["sum_bytes"] = compat.communication_stats()["bytes"] - before
+    out["xor"] = comm.get().all_reduce(mine[1], op=dist.ReduceOp.BXOR)
+    # patch 9: Beaver products with two local products
+    x = crypten.cryptensor(torch.tensor([[1.5, -2.0], [0.25, 3.0]]), src=0)
+    y = crypten.cryptensor(torch.tensor([[2.0, 0.5], [-1.0, 4.0]]), src=size - 1)
+    out["mul"], out["matmul"] = (x * y).get_plain_text(), x.matmul(y).get_plain_text()
+    # patch 11: an empty shell draws nothing from the generators it shares with its peers
+    generators = [crypten.generators[k][torch.device("cpu")] for k in ("prev", "next")]
+    states = [g.get_state() for g in generators]
+    shell = MPCTensor([])
+    out["shell_draws"] = any(
+        not torch.equal(s, g.get_state()) for s, g in zip(states, generators, strict=True)
+    )
+    # CrypTen's intended empty shell is a plain tensor (unpatched: a shared tensor of nothing)
+    out["shell"] = (type(shell._tensor) is torch.Tensor, shell._tensor.numel(), shell.requires_grad)
+    # patch 13: attribute reads skip CrypTen's validation wrapper
+    out["unwrapped"] = not hasattr(CrypTensor.__dict__["__getattribute__"], "__wrapped__")
+    return out
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_openings_products_shells_and_attribute_reads(parties):
+    """Patches 8, 9, 11 and 13 (12 and 10: tests/test_compare.py, tests/test_products.py)."""
+    from mpc_ft.multiparty import run_multiparty
+
+    for out in run_multiparty(_protocol_patches_party, parties=parties):
+        ranks = range(parties)
+        assert torch.equal(out["sum"][0], torch.arange(5) * sum(r + 1 for r in ranks))
+        assert torch.equal(out["sum"][1], torch.full((2, 3), sum(1 << r for r in ranks)))
+        # counted as sent and received, to and from every peer: 2 (P - 1) 11 elements of 8 B
+        assert out["sum_bytes"] == 2 * (parties - 1) * 11 * 8
+        assert torch.equal(out["xor"], torch.full((2, 3), (1 << parties) - 1))
+        x = torch.tensor([[1.5, -2.0], [0.25, 3.0]])
+        y = torch.tensor([[2.0, 0.5], [-1.0, 4.0]])
+        assert torch.allclose(out["mul"], x * y, atol=1e-3)
+        assert torch.allclose(out["matmul"], x @ y, atol=1e-3)
+        assert not out["shell_draws"] and out["shell"] == (True, 0, False)
+        assert out["unwrapped"]

@@ -68,17 +68,12 @@ def rotten_tomatoes(
     return out[0], test
 
 
-def _pooled(owners: list[train.Dataset]) -> train.Dataset:
-    return train.Dataset(*(torch.cat([getattr(p, f) for p in owners])
-                           for f in ("x", "mask", "y", "inv_count")))  # fmt: skip
-
-
 def twin(data, cfg: TrainConfig, dp: DpConfig | None) -> tuple[float, dict | None]:
     """The twin: without DP on the pooled data (public order); with DP on the owners' Poisson
     batches (sampling.py), the same slots as under MPC."""
     owners, test = data
     params = head_def.init_params(HEAD, test.x.size(2), 2, cfg.seed)
-    source, run = _pooled(owners), None
+    source, run = train.Dataset.concat(owners), None
     if dp:
         privacy = spend(dp, [len(o) for o in owners], cfg)
         source = PoissonBatches.plain(owners, privacy.slots, privacy.sample_rate, seed=cfg.seed)

@@ -373,13 +373,10 @@ def train_twin(
             parts.append(train.Dataset.counted(x, mask, y))
         return parts
 
-    def pooled(parts: list[train.Dataset]) -> train.Dataset:
-        fields = ("x", "mask", "y", "inv_count")
-        return train.Dataset(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     owners = features(train_shards)
-    train_set, test_set = pooled(owners), pooled(features(test_shards))
+    train_set = train.Dataset.concat(owners)
+    test_set = train.Dataset.concat(features(test_shards))
     params = head_def.init_params(job.head, train_set.x.size(2), job.num_classes, job.train.seed)
     start = time.perf_counter()
     if job.train.mode == "federated":  # the same FedAvg rounds with the exact average

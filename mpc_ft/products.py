@@ -26,7 +26,7 @@ sees what it saw before: operation names and shapes.
 
 Only with the TTP dealer; another provider (TFP), an operand without the usual fixed-point scale
 (a 0/1 comparison result), a matmul of a vector, or active security uses CrypTen's own function.
-`use(crypten, on)` (compat calls it) puts these functions in CrypTen's autograd registry or
+`use(on)` (compat.reuse_openings calls it) puts these functions in CrypTen's autograd registry or
 restores CrypTen's; `MpcOps(reuse_openings=...)` chooses (job key `mpc.reuse_openings`).
 """
 

@@ -75,8 +75,7 @@ def share_datasets(
         elif len(pieces) == 1:
             result[part] = pieces[0]
         else:
-            fields = ("x", "mask", "y", "inv_count")
-            result[part] = Dataset(*(crypten.cat([getattr(p, f) for p in pieces]) for f in fields))
+            result[part] = Dataset.concat(pieces, crypten.cat)
     return result
 
 

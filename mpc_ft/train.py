@@ -38,6 +38,13 @@ class Dataset:
         """Plain data with its inverse token counts."""
         return cls(x, mask, y, 1.0 / mask.sum(1, keepdim=True))
 
+    @classmethod
+    def concat(cls, parts: list[Dataset], cat: Any = torch.cat) -> Dataset:
+        """The rows of every part, in order, field by field (`cat`: torch.cat, or
+        crypten.cat for shares)."""
+        fields = ("x", "mask", "y", "inv_count")
+        return cls(*(cat([getattr(p, f) for p in parts]) for f in fields))
+
     def batch(self, index: torch.Tensor, ops: Any) -> tuple[Any, Any, Any, Any]:
         """The rows of `index`: x, mask, y, inv_count (None when absent)."""
         rows = [ops.rows(t, index) for t in (self.x, self.mask, self.y)]

@@ -261,10 +261,10 @@ def _open_by_exchange() -> None:
     shares, on the computing parties' group) by a direct exchange. Party i sends its share of
     every tensor to each other party, then receives theirs and adds (XORs) them: with 2 parties
     that is what a ring all_reduce sends (n elements each way) in one exchange instead of gloo's
-    several steps. With P > 2 each
-    party sends (P - 1) n elements instead of the ring's 2 (P - 1) / P n, for one exchange
-    instead of 2 (P - 1) steps; CrypTen's counter logs 2 n per call, so the difference is added
-    to its byte count. Any other reduction goes to the original."""
+    several steps. With P > 2 each party sends (P - 1) n elements instead of the ring's
+    2 (P - 1) / P n, for one exchange instead of 2 (P - 1) steps; CrypTen's counter logs 2 n
+    per call, so the difference is added to its byte count. Any other reduction goes to the
+    original."""
     import crypten
     import torch
     import torch.distributed as dist
@@ -308,12 +308,15 @@ def _beaver_with_two_products() -> None:
     """Patch 9 (module docstring): CrypTen's Beaver protocol (crypten/mpc/primitives/beaver.py)
     for z = x op y with a triple (a, b, c = a op b): open eps = x - a and delta = y - b; then
     z = c + eps op b + a op delta + eps op delta, the last at party 0 only. Since op is bilinear,
-    party 0 computes eps op (b + delta) instead: two local products where CrypTen makes three,
-    bit for bit the same shares. Active security (not used) keeps CrypTen's own."""
+    party 0 computes eps op (b + delta) instead (products.beaver_shares, which products.py's
+    forward uses too): two local products where CrypTen makes three, bit for bit the same
+    shares. Active security (not used) keeps CrypTen's own."""
     import crypten
     import crypten.communicator as comm
     import torch
     from crypten.mpc.primitives import ArithmeticSharedTensor, beaver
+
+    from mpc_ft import products
 
     if getattr(beaver, "_mpcft_two_products", False):
         return
@@ -327,10 +330,15 @@ def _beaver_with_two_products() -> None:
             a, b, c = provider.generate_additive_triple(x.size(), y.size(), op, device=x.device)
             with beaver.IgnoreEncodings([a, b, x, y]):
                 eps, delta = ArithmeticSharedTensor.reveal_batch([x - a, y - b])
-            fn = getattr(torch, op)
-            b_share = b._tensor + delta if comm.get().get_rank() == 0 else b._tensor
-            c._tensor += fn(eps, b_share)
-            c._tensor += fn(a._tensor, delta)
+            c.share = products.beaver_shares(
+                getattr(torch, op),
+                eps,
+                delta,
+                a.share,
+                b.share,
+                c.share,
+                first=comm.get().get_rank() == 0,
+            )
             return c
 
         return product

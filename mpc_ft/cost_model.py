@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mpc_ft import compare
+
 # CrypTen 0.4.1 defaults (crypten/configs/default.yaml) and constants of its code.
 EXP_ITERATIONS = 8  # functions.exp_iterations: exp(x) = (1 + x / 2^8)^(2^8)
 RECIPROCAL_NR_ITERS = 10  # functions.reciprocal_nr_iters
@@ -150,17 +152,16 @@ def _b2a_bit(numel: int, ndim: int, parties: int) -> Cost:
 def ltz(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     """x < 0 (also sign, lt, gt, ge, le), as compat patch 12 computes it (compare.py): with
     P > 2 parties, P - 2 carry-save steps on x's shape (an AND each) down to two operands; then
-    the carry into
-    the top bit on the flattened words, padded to a multiple of 64: an AND of all of them and
-    one per level on 1/2, 1/4, ... 1/32 as many (bits packed); one bit back to arithmetic
-    (flattened). 2 parties: 8 rounds; 3 parties: 9. (CrypTen's own: full adders, 13 AND-words
-    per element and 7 rounds each: 8 rounds with 2 parties, 15 with 3.)"""
+    the carry into the top bit on the flattened words, padded to a multiple of 64: an AND of all
+    of them and one per level on 1/2, 1/4, ... 1/32 as many (bits packed); one bit back to
+    arithmetic (flattened). 2 parties: 8 rounds; 3 parties: 9. (CrypTen's own: full adders,
+    13 AND-words per element and 7 rounds each: 8 rounds with 2 parties, 15 with 3.)"""
     cost = Cost()
     for _ in range(parties - 2):
         cost += _and(numel, ndim, parties)
-    words = -(-numel // 64) * 64
+    words = -(-numel // compare.BITS) * compare.BITS
     cost += _and(words, 1, parties)
-    for level in range(6):
+    for level in range(compare.LEVELS):
         cost += _and(words >> level, 1, parties)
     return cost + _b2a_bit(numel, 1, parties)
 

@@ -54,6 +54,14 @@ def _grad_y(op: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return x * g if op != "matmul" else x.transpose(-2, -1).matmul(g)
 
 
+def beaver_shares(fn: Any, e: torch.Tensor, d: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  c: torch.Tensor, first: bool) -> torch.Tensor:  # fmt: skip
+    """This party's share of x fn y from the opened e = x - a, d = y - b and its shares of the
+    triple (a, b, c = a fn b): c + e fn b + a fn d + e fn d, the last at the first party only,
+    folded into e fn (b + d) there (fn is bilinear): two local products, not three."""
+    return c + fn(e, b + d if first else b) + fn(a, d)
+
+
 def sum_to(t: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """Sum a broadcast result back to an operand's shape (exact in the ring)."""
     while t.dim() > len(size):
@@ -181,8 +189,7 @@ def _secret_product(ctx: Any, op: str, x: Any, y: Any) -> Any:
         d = e
     else:
         e, d = _open([xs - a, y._tensor.share - b])
-    fn = _fn(op)
-    z = c + fn(e, b + d if comm.get().get_rank() == 0 else b) + fn(a, d)
+    z = beaver_shares(_fn(op), e, d, a, b, c, first=comm.get().get_rank() == 0)
     need_y = op != "square" and bool(getattr(y, "requires_grad", False))
     ctx.mpcft = ("secret", op, x.size(), size1, e, d, a, b, r, corr_x, corr_y,
                  bool(x.requires_grad), need_y)  # fmt: skip

@@ -380,11 +380,11 @@ def inverse_count(b: int, t: int, parties: int) -> Cost:
 
 
 def masked_mean(b: int, t: int, d: int, parties: int, *, inv_count: bool = True) -> Cost:
-    """TorchOps.masked_mean, h [b,t,d], secret mask [b,t]: h * mask (mask broadcasts over d),
-    the [b,d] sums times inv_count [b,1]. inv_count=True: it is given (shared by the data
+    """TorchOps.masked_mean, h [b,t,d], secret mask [b,t]: the token weights mask * inv_count
+    [b,1] (b*t products), then [b,1,t] @ h. inv_count=True: it is given (shared by the data
     owners, as the head runs); False: computed first by MpcOps.inverse_count."""
-    cost = (mul(b * t * d, parties, y_numel=b * t, ndim=3)
-            + mul(b * d, parties, y_numel=b, ndim=2))  # fmt: skip
+    cost = (mul(b * t, parties, y_numel=b, ndim=2)
+            + matmul(1, t, d, parties, batch=b, ndim=3))  # fmt: skip
     return cost if inv_count else inverse_count(b, t, parties) + cost
 
 

@@ -96,9 +96,11 @@ class TorchOps:
 
     @classmethod
     def masked_mean(cls, h: Any, mask: Any, inv_count: Any = None) -> Any:
-        """h [B,T,D], mask [B,T] -> [B,D]: mean over the real tokens of each row."""
+        """h [B,T,D], mask [B,T] -> [B,D]: mean over the real tokens of each row, as one
+        batched product of the token weights mask / count [B,1,T] with h. Under MPC its backward
+        opens only the [B,D] gradient (h * mask opened a [B,T,D] one)."""
         inv_count = cls.inverse_count(mask) if inv_count is None else inv_count
-        return (h * mask.unsqueeze(-1)).sum(1) * inv_count
+        return (mask * inv_count).unsqueeze(1).matmul(h).squeeze(1)
 
     @staticmethod
     def cross_entropy(logits: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

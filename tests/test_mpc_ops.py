@@ -83,6 +83,7 @@ def _party(rank: int, inputs: dict) -> dict:
             [shared[i].grad.get_plain_text() for i in diff],
         )
     results["traps"] = _traps(crypten)
+    results["masked_mean_backward"] = _masked_mean_backward(crypten, ops, *inputs["masked_mean"])
     results["row_max"] = [row_max(crypten.cryptensor(x)).get_plain_text() for x in ROW_MAX]
     results["reciprocal_in_range"] = {
         bounds: reciprocal_in_range(crypten.cryptensor(x), *bounds).get_plain_text()
@@ -94,6 +95,19 @@ def _party(rank: int, inputs: dict) -> dict:
     loss = ops.loss_sum([offset], [total]).get_plain_text() / logits_in.size(0)
     results["cross_entropy_backward"] = (loss, logits.grad.get_plain_text())
     return results
+
+
+def _masked_mean_backward(crypten, ops, h, mask) -> tuple[int, int]:
+    """Rounds and bytes of masked_mean's backward with the head's inputs (inv_count given)."""
+    from mpc_ft import compat
+
+    h = ops.leaf(crypten.cryptensor(h, src=0))
+    inv_count = crypten.cryptensor(1.0 / mask.sum(1, keepdim=True), src=0)
+    out = ops.masked_mean(h, crypten.cryptensor(mask, src=0), inv_count)
+    before = compat.communication_stats()
+    out.backward(crypten.cryptensor(_upstream(out.size())))
+    after = compat.communication_stats()
+    return after["rounds"] - before["rounds"], after["bytes"] - before["bytes"]
 
 
 def _traps(crypten) -> dict:
@@ -156,6 +170,13 @@ def test_component_forward_and_gradient(mpc_results, name):
     for g, ref in zip(grads, ref_grads, strict=True):
         scale = ref.abs().max().item()
         assert (g - ref).abs().max().item() <= tol * max(1.0, scale), name
+
+
+def test_masked_mean_backward_opens_only_the_pooled_gradient(mpc_results):
+    """Pooling as one [B,1,T] @ [B,T,D] product: its backward opens g - r of the [B,D]
+    gradient once (h * mask opened a [B,T,D] one)."""
+    rounds, nbytes = mpc_results["masked_mean_backward"]
+    assert (rounds, nbytes) == (1, 2 * 8 * B * D)
 
 
 def test_masked_softmax_gives_padding_zero_weight(mpc_results):

@@ -154,8 +154,9 @@ def ltz(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     P > 2 parties, P - 2 carry-save steps on x's shape (an AND each) down to two operands; then
     the carry into the top bit on the flattened words, padded to a multiple of 64: an AND of all
     of them and one per level on 1/2, 1/4, ... 1/32 as many (bits packed); one bit back to
-    arithmetic (flattened). 2 parties: 8 rounds; 3 parties: 9. (CrypTen's own: full adders,
-    13 AND-words per element and 7 rounds each: 8 rounds with 2 parties, 15 with 3.)"""
+    arithmetic (a dealer bit pair on the flattened shape; the opening packed, a 64th of a word
+    per bit). 2 parties: 8 rounds; 3 parties: 9. (CrypTen's own: full adders, 13 AND-words per
+    element and 7 rounds each: 8 rounds with 2 parties, 15 with 3.)"""
     cost = Cost()
     for _ in range(parties - 2):
         cost += _and(numel, ndim, parties)
@@ -163,7 +164,7 @@ def ltz(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     cost += _and(words, 1, parties)
     for level in range(compare.LEVELS):
         cost += _and(words >> level, 1, parties)
-    return cost + _b2a_bit(numel, 1, parties)
+    return cost + _dealer(numel, 1) + _opening(2 * ELEMENT * (words // compare.BITS), parties)
 
 
 def relu(numel: int, parties: int, *, ndim: int = 1) -> Cost:

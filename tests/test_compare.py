@@ -34,6 +34,17 @@ def test_carry_sign_on_plain_words(monkeypatch):
         assert torch.equal(compare.carry_sign(a, b), want), n
 
 
+def test_pack_and_unpack_bits():
+    g = torch.Generator().manual_seed(2)
+    for n in (1, 63, 64, 65, 200):
+        bits = torch.randint(0, 2, (n,), generator=g)
+        bits[-1] = 1  # the top bit of a word (n = 64) is the sign of an int64
+        words = compare.pack(bits)
+        assert words.numel() == -(-n // 64)
+        assert torch.equal(compare.unpack(words, n), bits), n
+    assert compare.pack(torch.ones(64, dtype=torch.long)).item() == -1
+
+
 def _ltz_party(rank, values):
     import crypten
 
@@ -65,6 +76,6 @@ def test_ltz_on_shares_matches_torch(parties):
         assert (nbytes, rounds) == model.party(rank), rank
     assert model.rounds == (8 if parties == 2 else 9)  # CrypTen's own: 8 and 15
     # 105 elements, padded to 128 words: 128 + 128 + 64 + ... + 4 AND-words (4 counted each),
-    # 2 per element for the bit: against CrypTen's 54 per element
+    # and the bits' 2 packed words for the B2A (2 counted each): against CrypTen's 54 per element
     if parties == 2:
-        assert model.bytes == 8 * (4 * (128 + 252) + 2 * 105) < 8 * 54 * 105
+        assert model.bytes == 8 * (4 * (128 + 252) + 2 * 2) < 8 * 54 * 105

@@ -55,10 +55,11 @@ def test_public_mul_is_free_for_two_parties_only():
 def test_ltz_two_parties():
     # compare.py: 10 elements padded to 64 words: an AND of 64 words (4 counted elements each:
     # two tensors opened, sent and received), ANDs of 64, 32, ..., 2 words for the six levels,
-    # then the bits back to arithmetic (2 per element): (256 + 504 + 20) * 8 B in 8 rounds
-    assert (cm.ltz(10, 2).bytes, cm.ltz(10, 2).rounds) == (6240, 8)
+    # then the bits back to arithmetic (packed in one word, 2 counted): (256 + 504 + 2) * 8 B in
+    # 8 rounds
+    assert (cm.ltz(10, 2).bytes, cm.ltz(10, 2).rounds) == (6096, 8)
     # 3 parties: first one carry-save AND of the 10 words, every opening sent to two peers
-    assert (cm.ltz(10, 3).bytes, cm.ltz(10, 3).rounds) == (2 * (6240 + 320), 9)
+    assert (cm.ltz(10, 3).bytes, cm.ltz(10, 3).rounds) == (2 * (6096 + 320), 9)
 
 
 def test_cost_arithmetic():

@@ -19,6 +19,10 @@ only a halving tree over the 63 lower bit positions:
 4. Bit to arithmetic (`bit_to_arithmetic`), CrypTen's B2A of one bit with its opening packed:
    the dealer's random bit r, shared both ways; z = bit ^ r opened as n / 64 words, not n
    (CrypTen opens a 64-bit word per bit); then bit = z + (1 - 2z) r_A, locally.
+5. Products by the bit (`negative(x, count)`, `BitProducts`): the dealer makes r together with
+   pairs (a, a r_A), so y * bit = z y + (1 - 2z) (e r_A + a r_A) opens only e = y - a (CrypTen's
+   Beaver product opens y - a and bit - b). GELU's x * [x < 0] and its backward's slope * [x < 0],
+   and relu, use it. Each e is masked by its own fresh a; the dealer sees names and shapes.
 
 About 3n AND-words instead of 13n, and n / 64 words instead of n for the B2A, in the same 8
 rounds (2 parties). With P > 2 parties the
@@ -36,6 +40,8 @@ import torch
 
 BITS = 64
 LEVELS = 6  # log2(64)
+BIT_DEALER_METHOD = "mpcft_bit_pair"  # the dealer's request (offline.dealer_class serves it)
+BIT_PROVIDER_METHOD = "mpcft_bit_pair_triples"  # the parties' side (compat adds it to TTP)
 
 
 def _signed(value: int) -> int:
@@ -100,21 +106,109 @@ def unpack(words: torch.Tensor, n: int) -> torch.Tensor:
     return ((words.unsqueeze(1) >> torch.arange(BITS)) & 1).reshape(-1)[:n]
 
 
-def bit_to_arithmetic(bits: Any) -> Any:
-    """Step 4 for a flat BinarySharedTensor of 0/1 values: an ArithmeticSharedTensor of them
-    (integers, as CrypTen's beaver.B2A_single_bit returns them; the same dealer request)."""
-    import crypten
-    from crypten.mpc.primitives import BinarySharedTensor
+def bit_pair_answer(server: Any, size: torch.Size, count: int) -> torch.Tensor:
+    """The dealer's side of step 5 (a method of offline.dealer_class): a random bit r shared
+    both ways (as TTPServer.B2A) and `count` pairs (a, a r); party 0's shares of r and of each
+    a r, flattened. Per generator the draws are r's bit, then (parties 1..) r's share, then
+    per pair a and (parties 1..) the share of a r: the order of `bit_pair`."""
+    r = server._get_binary_PRSS(size, bitlength=1)
+    shares = [r - server._get_additive_PRSS(size, remove_rank=True)]
+    for _ in range(count):
+        a = server._get_additive_PRSS(size)
+        shares.append(a * r - server._get_additive_PRSS(size, remove_rank=True))
+    return torch.cat([s.reshape(-1) for s in shares])
 
-    r_arithmetic, r_binary = crypten.mpc.get_default_provider().B2A_rng(bits.size())
-    masked = BinarySharedTensor.from_shares(pack((bits.share & 1) ^ r_binary.share))
+
+def bit_pair(provider: Any, size: torch.Size, count: int, device: Any = None
+             ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The parties' side of step 5 (a method of CrypTen's TTP provider, traceable, so that
+    offline.TripleCache fetches it ahead): this party's shares of r (arithmetic, then binary),
+    then of the `count` masks a, then of the `count` products a r, as int64 tensors."""
+    import crypten.communicator as comm
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    client = TTPClient.get()
+    generator = client.get_generator(device=device)
+
+    def draw(size: torch.Size) -> torch.Tensor:
+        return generate_random_ring_element(size, generator=generator, device=device)
+
+    r_binary = generate_kbit_random_tensor(size, bitlength=1, generator=generator, device=device)
+    if comm.get().get_rank() == 0:
+        flat = client.ttp_request(BIT_DEALER_METHOD, device, size, count)
+        r_arithmetic, *products = (t.view(size) for t in flat.split(size.numel()))
+        masks = [draw(size) for _ in range(count)]
+    else:
+        r_arithmetic, masks, products = draw(size), [], []
+        for _ in range(count):
+            masks.append(draw(size))
+            products.append(draw(size))
+    return (r_arithmetic, r_binary, *masks, *products)
+
+
+class BitProducts:
+    """Step 5: y * bit for the bit of `bit_to_arithmetic(bits, count)`, up to `count` times, each
+    opening only e = y - a (CrypTen's product also opens bit - b). With the bit as
+    z + (1 - 2z) r (z public, r the dealer's), y bit = z y + (1 - 2z) (e r + a r), all local
+    but e. A y of x's shape (flattened as the bits are); the result has y's scale (the bit is an
+    integer: no truncation). Without pairs (no dealer: TFP) it is CrypTen's y * bit."""
+
+    def __init__(self, bit: Any, z: torch.Tensor, r: torch.Tensor, pairs: list) -> None:
+        self.bit, self.z, self.r, self.pairs = bit, z, r, pairs
+
+    def times(self, y: Any) -> Any:
+        from mpc_ft import products
+
+        if not self.pairs:
+            return y * self.bit
+        a, a_r = self.pairs.pop(0)
+        share = y._tensor.share.reshape(-1)
+        (e,) = products._open([share - a])
+        product = self.z * share + (1 - 2 * self.z) * (e * self.r + a_r)
+        result = y.shallow_copy()
+        result._tensor = y._tensor.shallow_copy()
+        result._tensor.share = product.reshape(y.size())
+        return result
+
+
+def bit_to_arithmetic(bits: Any, count: int = 0
+                      ) -> tuple[Any, torch.Tensor, torch.Tensor, list]:  # fmt: skip
+    """Step 4 for a flat BinarySharedTensor of 0/1 values: an ArithmeticSharedTensor of them
+    (integers, as CrypTen's beaver.B2A_single_bit returns them), the opened z, this party's
+    share of r and the pairs (a, a r) for `count` BitProducts (step 5; CrypTen's own B2A
+    request, and no pairs, when count is 0 or there is no TTP dealer)."""
+    import crypten
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+
+    provider = crypten.mpc.get_default_provider()
+    pairs: list = []
+    if count and getattr(provider, "NAME", "") == "TTP" and not crypten.cfg.mpc.active_security:
+        r_share, r_binary, *rest = getattr(provider, BIT_PROVIDER_METHOD)(bits.size(), count)
+        r_arithmetic = ArithmeticSharedTensor.from_shares(r_share, precision=0)
+        pairs = list(zip(rest[:count], rest[count:], strict=True))
+    else:
+        r_arithmetic, r_binary = provider.B2A_rng(bits.size())
+        r_binary = r_binary.share
+    masked = BinarySharedTensor.from_shares(pack((bits.share & 1) ^ r_binary))
     z = unpack(masked.reveal(), bits.numel())
-    return r_arithmetic * (1 - 2 * z) + z
+    return r_arithmetic * (1 - 2 * z) + z, z, r_arithmetic.share, pairs
 
 
 def ltz(x: Any) -> Any:
     """x < 0 for an arithmetic MPCTensor x, as CrypTen's MPCTensor._ltz returns it (a 0/1
     arithmetic sharing whose encoder has scale 1)."""
+    return negative(x, 0)[0]
+
+
+def relu(x: Any) -> Any:
+    """max(x, 0) = x - x [x < 0], the product by the bit opening x only (step 5)."""
+    _, by_neg = negative(x, 1)
+    return x - by_neg.times(x)
+
+
+def negative(x: Any, count: int) -> tuple[Any, BitProducts]:
+    """[x < 0] as `ltz` returns it, and its BitProducts for `count` products y * [x < 0]."""
     import crypten.communicator as comm
     from crypten.encoder import FixedPointEncoder
     from crypten.mpc.primitives import BinarySharedTensor
@@ -126,7 +220,7 @@ def ltz(x: Any) -> Any:
         a, b, c, *rest = parts
         parts = [a ^ b ^ c, (((a ^ c) & (b ^ c)) ^ c) << 1, *rest]
     bits = BinarySharedTensor.from_shares(carry_sign(parts[0].share, parts[1].share))
-    arithmetic = bit_to_arithmetic(bits)  # then as CrypTen's _B2A(bits, precision, bits=1):
+    arithmetic, z, r, pairs = bit_to_arithmetic(bits, count)  # then as CrypTen's _B2A:
     arithmetic.encoder = FixedPointEncoder(precision_bits=0 if x.encoder.scale == 1 else None)
     arithmetic *= arithmetic.encoder._scale // x._tensor.encoder._scale
     result = x.shallow_copy()
@@ -134,4 +228,4 @@ def ltz(x: Any) -> Any:
     result._tensor.share = result._tensor.share.reshape(share.size())
     result.ptype = Ptype.arithmetic
     result.encoder._scale = 1
-    return result
+    return result, BitProducts(result, z, r, pairs)

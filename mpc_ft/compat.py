@@ -38,7 +38,8 @@ Patches (each pinned by a test in tests/test_compat.py):
    drew a pseudo-random zero sharing of it; `_empty_mpc_tensors` takes the intended branch.
 12. CrypTen's comparison (`MPCTensor._ltz`, behind <, >, relu, sign) adds the binary shares
    with a full 64-bit adder to read the top bit; `_sign_by_carry` computes only the carry into
-   it, on packed bits (compare.py): a quarter of the bytes, the same rounds.
+   it, on packed bits (compare.py): a quarter of the bytes, the same rounds. Its bit goes back
+   to arithmetic by a packed opening; the provider gains bit pairs for products by the bit.
 13. Every attribute read of a CrypTensor (hundreds per operation) goes through CrypTen's debug
    wrapper, which reads `cfg.debug.validation_mode` each time; mpc_ft never turns that mode
    on, so `_attribute_reads_without_validation` removes the wrapper.
@@ -391,14 +392,19 @@ def _attribute_reads_without_validation(crypten: types.ModuleType) -> None:
 
 
 def _sign_by_carry() -> None:
-    """Patch 12 (module docstring): MPCTensor._ltz of arithmetic shares by compare.ltz."""
+    """Patch 12 (module docstring): MPCTensor._ltz of arithmetic shares by compare.ltz; the
+    TTP provider gains compare.bit_pair (traceable, so offline.TripleCache fetches it ahead)."""
     from crypten.mpc import MPCTensor
+    from crypten.mpc.provider.provider import TupleProvider
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty
     from crypten.mpc.ptype import ptype as Ptype
 
     from mpc_ft import compare
 
     if getattr(MPCTensor, "_mpcft_carry", False):
         return
+    TupleProvider.TRACEABLE_FUNCTIONS.append(compare.BIT_PROVIDER_METHOD)
+    setattr(TrustedThirdParty, compare.BIT_PROVIDER_METHOD, compare.bit_pair)
     original = MPCTensor._ltz
 
     def ltz(self):  # noqa: ANN001, ANN202

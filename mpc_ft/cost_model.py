@@ -149,14 +149,15 @@ def _b2a_bit(numel: int, ndim: int, parties: int) -> Cost:
     return _dealer(numel, ndim) + _opening(2 * ELEMENT * numel, parties)
 
 
-def ltz(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+def ltz(numel: int, parties: int, *, ndim: int = 1, products: int = 0) -> Cost:
     """x < 0 (also sign, lt, gt, ge, le), as compat patch 12 computes it (compare.py): with
     P > 2 parties, P - 2 carry-save steps on x's shape (an AND each) down to two operands; then
     the carry into the top bit on the flattened words, padded to a multiple of 64: an AND of all
     of them and one per level on 1/2, 1/4, ... 1/32 as many (bits packed); one bit back to
     arithmetic (a dealer bit pair on the flattened shape; the opening packed, a 64th of a word
     per bit). 2 parties: 8 rounds; 3 parties: 9. (CrypTen's own: full adders, 13 AND-words per
-    element and 7 rounds each: 8 rounds with 2 parties, 15 with 3.)"""
+    element and 7 rounds each: 8 rounds with 2 parties, 15 with 3.) `products`: the dealer's bit
+    comes with that many pairs for products by the bit (compare.negative), in one answer."""
     cost = Cost()
     for _ in range(parties - 2):
         cost += _and(numel, ndim, parties)
@@ -164,11 +165,24 @@ def ltz(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     cost += _and(words, 1, parties)
     for level in range(compare.LEVELS):
         cost += _and(words >> level, 1, parties)
-    return cost + _dealer(numel, 1) + _opening(2 * ELEMENT * (words // compare.BITS), parties)
+    bit = _dealer(numel * (1 + products), 1)
+    return cost + bit + _opening(2 * ELEMENT * (words // compare.BITS), parties)
+
+
+def _by_bit(numel: int, parties: int) -> Cost:
+    """y * [x < 0] by compare.BitProducts: one opening of y - a (its pair came with the bit);
+    the bit is an integer: no truncation."""
+    return open_(numel, parties)
+
+
+def bit_relu(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """compare.relu: x - x [x < 0], the product by the bit opening x only."""
+    return ltz(numel, parties, ndim=ndim, products=1) + _by_bit(numel, parties)
 
 
 def relu(numel: int, parties: int, *, ndim: int = 1) -> Cost:
-    """x * (x >= 0): ltz, then a Beaver product by a 0/1 value (scale 1: no truncation)."""
+    """CrypTen's relu, x * (x >= 0): ltz, then a Beaver product by a 0/1 value (scale 1: no
+    truncation)."""
     return ltz(numel, parties, ndim=ndim) + _beaver(numel, numel, numel, ndim, parties)
 
 
@@ -303,12 +317,12 @@ def reciprocal_in_range(numel: int, parties: int, lo: float, hi: float, *, tol: 
 
 
 def row_max(rows: int, cols: int, parties: int, *, ndim: int = 2) -> Cost:
-    """ops.row_max on [rows, cols]: a halving tree, max(a, b) = b + relu(a - b) on the
-    cols // 2 pairs of each level (an odd last column joins the next level by a local cat),
-    ceil(log2 cols) levels."""
+    """ops.row_max on [rows, cols]: a halving tree, max(a, b) = b + relu(a - b) (compare.relu)
+    on the cols // 2 pairs of each level (an odd last column joins the next level by a local
+    cat), ceil(log2 cols) levels."""
     cost, n = Cost(), cols
     while n > 1:
-        cost += relu(rows * (n // 2), parties, ndim=ndim)
+        cost += bit_relu(rows * (n // 2), parties, ndim=ndim)
         n -= n // 2
     return cost
 
@@ -337,10 +351,12 @@ def center(rows: int, d: int, parties: int, *, ndim: int = 2) -> Cost:
     return public_mul(rows, parties, ndim=ndim) + mul(rows * d, parties, y_numel=d, ndim=ndim)
 
 
-def gelu(numel: int, parties: int, *, ndim: int = 1) -> Cost:
-    """MpcOps.gelu (ops.GELU_EXP): x < 0, x * [x < 0] (a 0/1 factor: no truncation), t^2,
-    t^2 * t, three public multiplies and exp for E, t * E, and * 0.5."""
-    return (ltz(numel, parties, ndim=ndim) + _beaver(numel, numel, numel, ndim, parties)
+def gelu(numel: int, parties: int, *, ndim: int = 1, backward: bool = False) -> Cost:
+    """MpcOps.gelu (ops.GELU_EXP): x < 0 with x * [x < 0] (compare.negative; with a backward to
+    follow, its pair for slope * [x < 0] comes with the bit too), t^2, t^2 * t, three public
+    multiplies and exp for E, t * E, and * 0.5."""
+    return (ltz(numel, parties, ndim=ndim, products=2 if backward else 1)
+            + _by_bit(numel, parties)
             + square(numel, parties, ndim=ndim) + 2 * mul(numel, parties, ndim=ndim)
             + 4 * public_mul(numel, parties, ndim=ndim)
             + exp(numel, parties, ndim=ndim))  # fmt: skip

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from mpc_ft import products
+from mpc_ft import compare, products
 
 BULK = "mpcft_bulk"  # the dealer's method for a list of requests (compat patches it in)
 
@@ -52,6 +52,8 @@ def result_size(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tor
         return torch.broadcast_shapes(args[0], args[1])
     if name in ("square", "wraps", "B2A"):
         return torch.Size(args[0])
+    if name == compare.BIT_DEALER_METHOD:  # (size, count): compare.bit_pair_answer, flat
+        return torch.Size([torch.Size(args[0]).numel() * (1 + args[1])])
     if name == products.DEALER_METHOD:  # (op, size0, size1): products.dealer_answer, flat
         return torch.Size([sum(s.numel() for s in products.correlation_sizes(*args))])
     raise ValueError(f"unknown dealer call {name!r}")
@@ -82,8 +84,8 @@ class _Tuples(dict):
 
 
 def dealer_class() -> type:
-    """CrypTen's TTPServer serving bulk requests, one step ahead (module docstring), and the
-    triples with gradient correlations of products.py; its
+    """CrypTen's TTPServer serving bulk requests, one step ahead (module docstring), the
+    triples with gradient correlations of products.py and compare.py's bit pairs; its
     constructor runs the request loop until party 0 says "terminate" or a link breaks."""
     import crypten
     import crypten.communicator as comm
@@ -125,6 +127,7 @@ def dealer_class() -> type:
 
     setattr(Dealer, BULK, serve_bulk)
     setattr(Dealer, products.DEALER_METHOD, products.dealer_answer)
+    setattr(Dealer, compare.BIT_DEALER_METHOD, compare.bit_pair_answer)
     return Dealer
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mpc_ft import compare
 from mpc_ft.cost_model import reciprocal_steps
 
 GELU_K = math.sqrt(2.0 / math.pi)
@@ -334,7 +335,8 @@ def reciprocal_in_range(x: Any, lo: float, hi: float, tol: float = 1e-5) -> Any:
 
 def row_max(x: Any) -> Any:
     """Max over the last dim, keepdim, without gradient: a halving tree of max(a, b) =
-    b + relu(a - b), one comparison per pair and level (ceil(log2 n) levels).
+    b + relu(a - b), one comparison per pair and level (ceil(log2 n) levels); relu's product
+    by the comparison's bit opens a - b only (compare.relu).
 
     CrypTen's own max() computes an argmax first (the same tree, then an equality test and a
     random tie-break to make a one-hot) and reads the max through it: about twice the rounds
@@ -343,7 +345,7 @@ def row_max(x: Any) -> Any:
         n = x.size(-1)
         half = n // 2
         a, b = x.narrow(-1, 0, half), x.narrow(-1, half, half)
-        top = b + (a - b).relu()
+        top = b + compare.relu(a - b)
         if n % 2:
             import crypten
 
@@ -364,7 +366,9 @@ def softmax_parts(logits: Any) -> tuple[Any, Any, Any]:
 @cache
 def mpc_autograd_functions() -> dict[str, type]:
     """name -> AutogradFunction subclass; compat registers them with CrypTen."""
-    from crypten.gradients import AutogradFunction
+    from crypten.gradients import AutogradContext, AutogradFunction
+
+    from mpc_ft import compare
 
     class Normalize(AutogradFunction):
         @staticmethod
@@ -424,21 +428,23 @@ def mpc_autograd_functions() -> dict[str, type]:
         @staticmethod
         def forward(ctx: Any, x: Any) -> Any:
             a, b, d = GELU_EXP
-            neg = x < 0  # a 0/1 sharing (scale 1): products with it need no truncation
-            relu = x - x * neg
+            # neg: a 0/1 sharing (scale 1); products by it open one operand (compare.py step 5):
+            # x * neg here, slope * neg in the backward if one follows (a real context)
+            neg, by_neg = compare.negative(x, 2 if isinstance(ctx, AutogradContext) else 1)
+            relu = x - by_neg.times(x)
             t = relu + relu - x
             t2 = t.square()
             t3 = t2 * t
             e = (t * -a + t2 * -b + t3 * -d).exp()
-            ctx.save_multiple_for_backward([neg, t, t2, t3, e])
+            ctx.save_multiple_for_backward([neg, by_neg, t, t2, t3, e])
             return relu - t * e * 0.5
 
         @staticmethod
         def backward(ctx: Any, g: Any) -> Any:
             a, b, d = GELU_EXP
-            neg, t, t2, t3, e = ctx.saved_tensors
+            neg, by_neg, t, t2, t3, e = ctx.saved_tensors
             slope = e * (t * (-0.5 * a) + t2 * -b + t3 * (-1.5 * d) + 0.5)  # g'(t)
-            sign_slope = slope - (slope * neg) * 2
+            sign_slope = slope - by_neg.times(slope) * 2
             return g * (1 - neg - sign_slope)
 
     return {

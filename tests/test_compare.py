@@ -79,3 +79,76 @@ def test_ltz_on_shares_matches_torch(parties):
     # and the bits' 2 packed words for the B2A (2 counted each): against CrypTen's 54 per element
     if parties == 2:
         assert model.bytes == 8 * (4 * (128 + 252) + 2 * 2) < 8 * 54 * 105
+
+
+def _bit_pair_party(rank):
+    """Open every share of a dealer bit pair: the relations must hold in the ring."""
+    import crypten
+    import crypten.communicator as comm
+    from crypten.mpc.primitives import BinarySharedTensor
+
+    from mpc_ft.ops import MpcOps
+
+    MpcOps(crypten)  # registers the provider's method (compat patch 12)
+    provider = crypten.mpc.get_default_provider()
+    r, r_binary, a0, a1, c0, c1 = getattr(provider, compare.BIT_PROVIDER_METHOD)(
+        torch.Size([5, 3]), 2
+    )
+    opened = [comm.get().all_reduce(t.clone()) for t in (r, a0, a1, c0, c1)]
+    return [*opened, BinarySharedTensor.from_shares(r_binary).reveal()]
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_the_dealer_makes_bit_pairs(parties):
+    r, a0, a1, c0, c1, r_binary = run_multiparty(_bit_pair_party, parties=parties)[0]
+    assert torch.equal(r, r_binary) and set(r.unique().tolist()) <= {0, 1}
+    assert 0 < r.sum() < r.numel()  # 15 random bits: not all equal (fixed seeds)
+    assert torch.equal(c0, a0 * r) and torch.equal(c1, a1 * r)
+    assert not torch.equal(a0, a1)
+
+
+def _bit_products_party(rank, x, ys):
+    import crypten
+
+    from mpc_ft import compat
+    from mpc_ft.ops import MpcOps
+
+    MpcOps(crypten)
+    sx = crypten.cryptensor(x, src=0)
+    sys_ = [crypten.cryptensor(y, src=1) for y in ys]
+    neg, by_neg = compare.negative(sx, len(ys))
+    costs, out = [], []
+    for y in sys_:
+        before = compat.communication_stats()
+        product = by_neg.times(y)
+        after = compat.communication_stats()
+        costs.append((after["bytes"] - before["bytes"], after["rounds"] - before["rounds"]))
+        out.append(product.get_plain_text())
+    before = compat.communication_stats()
+    crypten_own = sys_[0] * neg
+    after = compat.communication_stats()
+    relu = compare.relu(sx).get_plain_text()
+    return (neg.get_plain_text(), out, costs, after["bytes"] - before["bytes"], relu,
+            crypten_own.get_plain_text())  # fmt: skip
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_products_by_the_sign_bit_open_one_operand(parties):
+    """y * [x < 0] from the comparison's own dealer pairs: the value, one round, and y's bytes
+    (2 per element with 2 parties, sent and received), where CrypTen's product also opens the
+    bit; relu by it too."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, generator=g) * 10
+    ys = [torch.randn(4, 6, generator=g) * 100 for _ in range(2)]
+    results = run_multiparty(_bit_products_party, parties=parties, args=(x, ys))
+    neg, out, _, _, relu, crypten_own = results[0]
+    assert torch.equal(neg, (x < 0).float())
+    for y, got in zip(ys, out, strict=True):
+        assert torch.allclose(got, y * (x < 0), atol=1e-4)
+    assert torch.allclose(crypten_own, ys[0] * (x < 0), atol=1e-4)
+    assert torch.allclose(relu, x.relu(), atol=1e-4)
+    for rank, result in enumerate(results):
+        for nbytes, rounds in result[2]:
+            assert (nbytes, rounds) == (2 * 8 * x.numel() * (parties - 1), 1), rank
+    if parties == 2:  # party 1 (party 0 also fetches CrypTen's triple from the dealer)
+        assert results[1][2][0][0] * 2 == results[1][3]  # CrypTen opens y - a and bit - b

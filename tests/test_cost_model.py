@@ -107,7 +107,7 @@ def test_reciprocal_in_range_by_hand():
 def test_row_max_by_hand():
     # [3, 5]: 2 pairs per row, then 3 columns (1 pair + the odd one), then 2 (1 pair)
     for parties in (2, 3):
-        want = cm.relu(6, parties, ndim=2) + 2 * cm.relu(3, parties, ndim=2)
+        want = cm.bit_relu(6, parties, ndim=2) + 2 * cm.bit_relu(3, parties, ndim=2)
         assert cm.row_max(3, 5, parties) == want
     assert cm.row_max(3, 5, 2).rounds == 3 * (8 + 1)  # a relu: ltz (8) + the 0/1 product
     assert cm.row_max(3, 1, 2) == cm.Cost()

@@ -259,13 +259,13 @@ def _triples_without_dummy_products() -> None:
 
 def _open_by_exchange() -> None:
     """Patch 8 (module docstring): opening shares (`all_reduce` with SUM, or XOR for binary
-    shares, on the computing parties' group) by a direct exchange. Party i sends its share of
-    every tensor to each other party, then receives theirs and adds (XORs) them: with 2 parties
-    that is what a ring all_reduce sends (n elements each way) in one exchange instead of gloo's
-    several steps. With P > 2 each party sends (P - 1) n elements instead of the ring's
-    2 (P - 1) / P n, for one exchange instead of 2 (P - 1) steps; CrypTen's counter logs 2 n
-    per call, so the difference is added to its byte count. Any other reduction goes to the
-    original."""
+    shares, on the computing parties' group) by a direct exchange. Party i sends its shares of
+    all the tensors, in one message, to each other party, then receives theirs and adds (XORs)
+    them: with 2 parties that is what a ring all_reduce sends (n elements each way) in one
+    exchange instead of gloo's several steps. With P > 2 each party sends (P - 1) n elements
+    instead of the ring's 2 (P - 1) / P n, for one exchange instead of 2 (P - 1) steps;
+    CrypTen's counter logs 2 n per call, so the difference is added to its byte count. Any other
+    reduction goes to the original."""
     import crypten
     import torch
     import torch.distributed as dist
@@ -280,22 +280,25 @@ def _open_by_exchange() -> None:
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR):
             return original(self, input, op=op, batched=batched)
         xor = op == dist.ReduceOp.BXOR
-        tensors = [t.data.contiguous() for t in (input if batched else [input])]
+        tensors = [t.data for t in (input if batched else [input])]
+        parts = [t.reshape(-1) for t in tensors]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]  # one message per peer
         rank, size = self.get_rank(), self.get_world_size()
         peers = [p for p in range(size) if p != rank]
-        sends = [dist.isend(t, p, group=self.main_group, tag=i)
-                 for i, t in enumerate(tensors) for p in peers]  # fmt: skip
-        results = [t.clone() for t in tensors]
-        for i, out in enumerate(results):
-            for p in peers:
-                received = torch.empty_like(out)
-                dist.recv(received, p, group=self.main_group, tag=i)
-                if xor:
-                    out ^= received
-                else:
-                    out += received  # int64: wraps modulo 2^64, as the shares do
+        sends = [dist.isend(flat, p, group=self.main_group) for p in peers]
+        total, received = None, torch.empty_like(flat)
+        for p in peers:
+            dist.recv(received, p, group=self.main_group)
+            if total is None:  # a new tensor: `flat` may still be on its way
+                total = flat ^ received if xor else flat + received
+            elif xor:
+                total ^= received
+            else:
+                total += received  # int64: wraps modulo 2^64, as the shares do
         for request in sends:
             request.wait()
+        sizes = [t.numel() for t in tensors]
+        results = [part.view(t.size()) for part, t in zip(total.split(sizes), tensors, strict=True)]
         if size > 2 and crypten.cfg.communicator.verbose:  # what `_logging` counted: 2 n
             extra = 2 * (size - 2) * sum(t.nelement() for t in tensors)
             self.comm_bytes += extra * self.BYTES_PER_ELEMENT

@@ -5,6 +5,9 @@
 
 Each block: fused QKV projection, multi-head self-attention with the padding mask applied to the
 keys, output projection, residual, LayerNorm, FFN (GELU, tanh form), residual, LayerNorm.
+The last LayerNorm's gain and shift are applied after the pooling, to [B,D] instead of [B,T,D]:
+the same function, since the pooling weights of a row sum to 1 (under MPC a product by the gain
+at a 32nd of the size, forward and backward).
 
 Parameters live in a flat dict name -> tensor (plain or shared), so the same forward function serves
 both backends and the model owner can share or receive them one by one. `HeadModule` wraps saved
@@ -84,6 +87,7 @@ def forward(
     hs = D // H
     key_mask = mask.reshape(B, 1, 1, T)  # broadcast over heads and queries
     norm = ops.layer_norm if head.norm == "layernorm" else ops.center
+    bare_norm = ops.normalize if head.norm == "layernorm" else ops.centred  # no gain, no shift
     activation = ops.gelu if head.activation == "gelu" else ops.quad_activation
     if inv_count is None:  # 1 / real tokens per row; data owners share it with their data
         inv_count = ops.inverse_count(mask)
@@ -111,8 +115,14 @@ def forward(
         )
         ffn = ops.linear(activation(ops.linear(h, params[p + "ffn1.w"], params[p + "ffn1.b"])),
                          params[p + "ffn2.w"], params[p + "ffn2.b"])  # fmt: skip
-        h = norm(h + ffn, params[p + "ln2.g"], params[p + "ln2.b"], head.ln_eps)
+        if i < head.num_blocks - 1:
+            h = norm(h + ffn, params[p + "ln2.g"], params[p + "ln2.b"], head.ln_eps)
+        else:  # the last: its gain and shift after the pooling (module docstring)
+            h = bare_norm(h + ffn, head.ln_eps)
     pooled = ops.masked_mean(h, mask, inv_count)  # [B,D]
+    if head.num_blocks:
+        last = f"b{head.num_blocks - 1}."
+        pooled = ops.affine(pooled, params[last + "ln2.g"], params[last + "ln2.b"])
     return ops.linear(pooled, params["cls.w"], params["cls.b"])  # [B,C]
 
 

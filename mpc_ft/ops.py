@@ -48,9 +48,14 @@ class TorchOps:
     def linear(x: Any, weight: Any, bias: Any) -> Any:
         return x.matmul(weight) + bias
 
+    @staticmethod
+    def affine(x: Any, gamma: Any, beta: Any) -> Any:
+        """A normalisation's gain and shift over the last dim."""
+        return x * gamma + beta
+
     @classmethod
     def layer_norm(cls, x: Any, gamma: Any, beta: Any, eps: float) -> Any:
-        return cls.normalize(x, eps) * gamma + beta
+        return cls.affine(cls.normalize(x, eps), gamma, beta)
 
     @staticmethod
     def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,10 +73,15 @@ class TorchOps:
         """MPCFormer's Quad in place of GELU: 0.125 x^2 + 0.25 x + 0.5 (one square)."""
         return x.square() * 0.125 + x * 0.25 + 0.5
 
-    @staticmethod
-    def center(x: Any, gamma: Any, beta: Any, eps: float) -> Any:
+    @classmethod
+    def center(cls, x: Any, gamma: Any, beta: Any, eps: float) -> Any:
         """Normalisation without scaling: (x - mean) * gamma + beta (linear: free in MPC)."""
-        return (x - x.mean(-1, keepdim=True)) * gamma + beta
+        return cls.affine(cls.centred(x, eps), gamma, beta)
+
+    @staticmethod
+    def centred(x: Any, eps: float) -> Any:
+        """`center` without its gain and shift: x - mean (eps unused: no division)."""
+        return x - x.mean(-1, keepdim=True)
 
     @classmethod
     def quad_attention(cls, scores: Any, mask: Any, inv_count: Any = None) -> Any:
@@ -289,15 +299,15 @@ class PerUnitOps:
         out = self._by_unit(x).matmul(weight) + self._param(bias)
         return out.reshape(*tuple(x.size())[:-1], weight.size(-1))
 
-    def _affine(self, x: Any, gamma: Any, beta: Any) -> Any:
+    def affine(self, x: Any, gamma: Any, beta: Any) -> Any:
         out = self._by_unit(x) * self._param(gamma) + self._param(beta)
         return out.reshape(tuple(x.size()))
 
     def layer_norm(self, x: Any, gamma: Any, beta: Any, eps: float) -> Any:
-        return self._affine(self.base.normalize(x, eps), gamma, beta)
+        return self.affine(self.base.normalize(x, eps), gamma, beta)
 
     def center(self, x: Any, gamma: Any, beta: Any, eps: float) -> Any:
-        return self._affine(x - x.mean(-1, keepdim=True), gamma, beta)
+        return self.affine(self.base.centred(x, eps), gamma, beta)
 
 
 def unflatten(flat: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:

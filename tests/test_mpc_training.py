@@ -6,7 +6,14 @@ import torch
 
 from mpc_ft import head as head_def
 from mpc_ft import train
-from mpc_ft.config import BackboneConfig, HeadConfig, JobConfig, PartyConfig, TrainConfig
+from mpc_ft.config import (
+    NATIVE_HEAD,
+    BackboneConfig,
+    HeadConfig,
+    JobConfig,
+    PartyConfig,
+    TrainConfig,
+)
 from mpc_ft.multiparty import run_multiparty
 from mpc_ft.ops import MpcOps, TorchOps
 
@@ -120,3 +127,45 @@ def test_twin_training_equals_torch_optim_sgd_on_the_batch_mean_loss():
             opt.step()
     for name in ref:
         torch.testing.assert_close(twin[name], ref[name].detach(), atol=1e-6, rtol=1e-5)
+
+
+def _obvious_forward(params, x, mask, head: HeadConfig):
+    """The head written the obvious way (every normalisation with its gain and shift, then the
+    masked mean), from TorchOps' components: head.forward must compute the same function."""
+    ops = TorchOps
+    B, T, D, H = x.size(0), x.size(1), head.d_model, head.num_heads
+    norm = ops.layer_norm if head.norm == "layernorm" else ops.center
+    act = ops.gelu if head.activation == "gelu" else ops.quad_activation
+    h = x.matmul(params["in.w"]) + params["in.b"] if head.project_input else x
+    for i in range(head.num_blocks):
+        p = f"b{i}."
+        q, k, v = (h.matmul(params[p + "qkv.w"]) + params[p + "qkv.b"]).split(D, dim=-1)
+        q, k, v = (t.reshape(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
+        scores = q.matmul(k.transpose(2, 3)) / (D // H) ** 0.5
+        key_mask = mask.reshape(B, 1, 1, T)
+        weights = (ops.masked_softmax(scores, key_mask) if head.attention == "softmax"
+                   else ops.quad_attention(scores, key_mask))  # fmt: skip
+        attn = weights.matmul(v).transpose(1, 2).reshape(B, T, D)
+        attn = attn.matmul(params[p + "out.w"]) + params[p + "out.b"]
+        h = norm(h + attn, params[p + "ln1.g"], params[p + "ln1.b"], head.ln_eps)
+        ffn = act(h.matmul(params[p + "ffn1.w"]) + params[p + "ffn1.b"])
+        ffn = ffn.matmul(params[p + "ffn2.w"]) + params[p + "ffn2.b"]
+        h = norm(h + ffn, params[p + "ln2.g"], params[p + "ln2.b"], head.ln_eps)
+    pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    return pooled.matmul(params["cls.w"]) + params["cls.b"]
+
+
+def test_the_head_computes_the_obvious_function():
+    """Both heads, 1 and 2 blocks: the last normalisation's gain and shift applied after the
+    pooling (head.py) give the same logits as before it."""
+    data = _data()
+    for native in (False, True):
+        for blocks in (1, 2):
+            extra = NATIVE_HEAD if native else {}
+            head = HeadConfig(d_model=16, num_heads=2, d_ffn=32, num_blocks=blocks, **extra)
+            params = head_def.init_params(head, 24, 2, seed=blocks)
+            g = torch.Generator().manual_seed(5)
+            params = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in params.items()}
+            got = head_def.forward(params, data.x, data.mask, head)
+            want = _obvious_forward(params, data.x, data.mask, head)
+            assert torch.allclose(got, want, atol=1e-5), (native, blocks)

@@ -316,6 +316,49 @@ def reciprocal_in_range(numel: int, parties: int, lo: float, hi: float, *, tol: 
     return public_mul(numel, parties, ndim=ndim) + (steps - 1) * 2 * mul(numel, parties, ndim=ndim)
 
 
+def log_refinement(lo: float, hi: float, tol: float = 1e-5) -> tuple[float, int, int, int]:
+    """ops.log_in_range's public plan over [lo, hi] (ops uses this): the centre c of
+    [log lo, log hi]; s, the halvings that bring exp's argument y - c within 1/2 (its start
+    error included: CrypTen's log is within 2% plus 0.05, `margin`); the Taylor degree of
+    exp(-(y - c) / 2^s) and the order of the final series in h, each to tol / 2."""
+    a, b = math.log(lo), math.log(hi)
+    margin = 0.05 + 0.02 * max(abs(a), abs(b))
+    r = (b - a) / 2 + margin
+    s = max(0, math.ceil(math.log2(r / 0.5)))
+    v, degree = r / 2**s, 1
+    while v ** (degree + 1) / math.factorial(degree + 1) * math.exp(v) * 2**s > tol / 2:
+        degree += 1
+    h, order = math.expm1(margin), 1
+    while h ** (order + 1) / (order + 1) / (1 - h) > tol / 2:
+        order += 1
+    return (a + b) / 2, s, degree, order
+
+
+def _polynomial(n: int, parties: int, degree: int, ndim: int) -> Cost:
+    """CrypTen's polynomial (no constant term) of degree d on n elements: the powers by a
+    doubling tree (a square, then stacked products by the highest power) and one public
+    multiply of the d terms (degree 1: that multiply alone)."""
+    if degree == 1:
+        return public_mul(n, parties, ndim=ndim)
+    cost, k = square(n, parties, ndim=ndim), 2
+    while k < degree:
+        cost += mul(k * n, parties, y_numel=n, ndim=ndim + 1)
+        k *= 2
+    return cost + public_mul(degree * n, parties, ndim=ndim + 1)
+
+
+def log_in_range(numel: int, parties: int, lo: float, hi: float, *, tol: float = 1e-5,
+                 ndim: int = 1) -> Cost:  # fmt: skip
+    """ops.log_in_range: CrypTen's log, then one Householder step: (s > 0) the public scaling
+    of exp's argument, exp's Taylor polynomial and its s squarings, x e^-c (a public
+    multiply), its product with exp, the series in h."""
+    _, s, degree, order = log_refinement(lo, hi, tol)
+    n = numel
+    return (log(n, parties, ndim=ndim) + _polynomial(n, parties, degree, ndim)
+            + s * square(n, parties, ndim=ndim) + (1 + (s > 0)) * public_mul(n, parties, ndim=ndim)
+            + mul(n, parties, ndim=ndim) + _polynomial(n, parties, order, ndim))  # fmt: skip
+
+
 def row_max(rows: int, cols: int, parties: int, *, ndim: int = 2) -> Cost:
     """ops.row_max on [rows, cols]: a halving tree, max(a, b) = b + relu(a - b) (compare.relu)
     on the cols // 2 pairs of each level (an odd last column joins the next level by a local
@@ -406,20 +449,21 @@ def masked_mean(b: int, t: int, d: int, parties: int, *, inv_count: bool = True)
 
 
 def _softmax_rows(b: int, c: int, parties: int) -> Cost:
-    """Shared by both cross-entropies on logits [b, c]: row_max, exp, the ranged reciprocal of
-    the b row sums over [1, c] and e times it (the probabilities)."""
+    """Shared by both cross-entropies on logits [b, c]: row_max, ops.exp_nonpositive (CrypTen's
+    exp and one more truncation), the ranged reciprocal of the b row sums over [1, c] and e
+    times it (the probabilities)."""
     n = b * c
-    return (row_max(b, c, parties) + exp(n, parties, ndim=2)
+    return (row_max(b, c, parties) + exp(n, parties, ndim=2) + public_mul(n, parties, ndim=2)
             + reciprocal_in_range(b, parties, 1.0, float(c), ndim=2)
             + mul(n, parties, y_numel=b, ndim=2))  # fmt: skip
 
 
 def cross_entropy(b: int, c: int, parties: int) -> Cost:
     """mpcft_cross_entropy on logits [b, c], secret one-hot labels: the probabilities
-    (`_softmax_rows`), log of the b row sums, onehot * logits, and the batch mean (a public
-    division of one element)."""
-    return (_softmax_rows(b, c, parties) + log(b, parties, ndim=2) + mul(b * c, parties, ndim=2)
-            + public_mul(1, parties, ndim=0))  # fmt: skip
+    (`_softmax_rows`), the ranged log of the b row sums over [1, c], onehot * logits, and the
+    batch mean (a public division of one element)."""
+    return (_softmax_rows(b, c, parties) + log_in_range(b, parties, 1.0, float(c), ndim=2)
+            + mul(b * c, parties, ndim=2) + public_mul(1, parties, ndim=0))  # fmt: skip
 
 
 def cross_entropy_backward(b: int, c: int, parties: int) -> Cost:

@@ -11,7 +11,8 @@ hand-derived backward passes (registered by `compat.init_party`):
   -1e9 would break CrypTen's exp below -512); the row max is taken without gradient (CrypTen's max
   would cut it); backward: ds = p * (g - sum(g * p)).
 - `mpcft_cross_entropy`: mean over the batch of logsumexp(l) - <y, l>; the log only ever sees the
-  row sum of exponentials in [1, C], where CrypTen's log is accurate; backward: (softmax - y) / B.
+  row sum of exponentials in [1, C] (`log_in_range`: CrypTen's log reads low there, see its
+  docstring); backward: (softmax - y) / B.
 
 Traps from shared/CRYPTEN_NOTES.md avoided here (each pinned in tests/test_ops_mpc.py): indexing
 drops gradients (we use narrow/index_select), `max()` cuts gradients (taken on detached values),
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from mpc_ft import compare
-from mpc_ft.cost_model import reciprocal_steps
+from mpc_ft.cost_model import log_refinement, reciprocal_steps
 
 GELU_K = math.sqrt(2.0 / math.pi)
 # MpcOps.gelu: relu(x) - g(|x|) with g(t) = t sigmoid(-2k(t + 0.044715 t^3)) (the tanh form's
@@ -138,8 +139,9 @@ class TorchOps:
         return offset, total
 
     @staticmethod
-    def loss_sum(offsets: list[Any], totals: list[Any]) -> Any:
-        """Summed cross-entropy from deferred terms: sum(offset) + sum(log(total))."""
+    def loss_sum(offsets: list[Any], totals: list[Any], classes: int) -> Any:
+        """Summed cross-entropy from deferred terms: sum(offset) + sum(log(total)); each total
+        lies in [1, classes] (MpcOps needs the bound)."""
         return torch.cat(offsets).sum() + torch.cat(totals).log().sum()
 
     @staticmethod
@@ -236,8 +238,9 @@ class MpcOps(TorchOps):
         logits.backward(seed)
         return offset, total
 
-    def loss_sum(self, offsets: list[Any], totals: list[Any]) -> Any:
-        return self.crypten.cat(offsets).sum() + self.crypten.cat(totals).log().sum()
+    def loss_sum(self, offsets: list[Any], totals: list[Any], classes: int) -> Any:
+        totals = self.crypten.cat(totals)
+        return self.crypten.cat(offsets).sum() + log_in_range(totals, 1.0, float(classes)).sum()
 
     def cat(self, values: list[Any]) -> Any:
         return self.crypten.cat(values)
@@ -343,6 +346,28 @@ def reciprocal_in_range(x: Any, lo: float, hi: float, tol: float = 1e-5) -> Any:
     return y
 
 
+def log_in_range(x: Any, lo: float, hi: float, tol: float = 1e-5) -> Any:
+    """log(x) for x known to lie in [lo, hi] (public bounds, 1e-4 <= lo < hi <= 250).
+
+    CrypTen's log alone is biased and noisy: its Householder steps h = 1 - x exp(-y) use exp's
+    limit form (1 - y/256)^256 = exp(-y - y^2/512 - ...), so they settle on y + y^2/512 = log x
+    (9e-4 low at x = 2), and exp's 8 squarings multiply the rounding of 1 - y/256 by 256 (on
+    [1, 2]: mean error -8e-4, spread 1.9e-3 with 2 parties and 4.5e-3 with 3). One more
+    Householder step from its result y, with an exp that is accurate where y lies, removes both
+    (public plan: cost_model.log_refinement):
+    v = (y - c) / 2^s (c the centre of [log lo, log hi]; s = 0 for [1, 2]); e = exp(-(y - c))
+    as exp(-v)'s Taylor polynomial squared s times; h = 1 - (x e^-c) e, near 0;
+    log x = y + log(1 - h) = y - (h + h^2/2 + ...), the series to the plan's order."""
+    c, s, degree, order = log_refinement(lo, hi, tol)
+    y = x.log()
+    v = (y - c) * (1.0 / 2**s) if s else y - c  # scaled first: 1/(k! 2^sk) rounds to 0
+    e = v.polynomial([(-1) ** k / math.factorial(k) for k in range(1, degree + 1)]) + 1
+    for _ in range(s):
+        e = e.square()
+    h = 1 - (x * math.exp(-c)) * e
+    return y - h.polynomial([1.0 / k for k in range(1, order + 1)])
+
+
 def row_max(x: Any) -> Any:
     """Max over the last dim, keepdim, without gradient: a halving tree of max(a, b) =
     b + relu(a - b), one comparison per pair and level (ceil(log2 n) levels); relu's product
@@ -364,11 +389,37 @@ def row_max(x: Any) -> Any:
     return x
 
 
+EXP_BITS = 20  # exp_nonpositive's working precision
+
+
+def exp_nonpositive(z: Any, iters: int = 8) -> Any:
+    """CrypTen's exp, (1 + z/2^iters)^(2^iters), for z <= 0, with its base held at EXP_BITS
+    fractional bits instead of the tensor's 16.
+
+    At 16 bits the rounding of 1 + z/256 (one truncation: +-1 unit with 2 parties, +-3 with 3)
+    is multiplied by 256 through the squarings: a relative error of 1.9e-3 (2 parties) and
+    4.6e-3 (3 parties) rms, which made the loss of a 16-row batch wander by up to 1e-3. Here:
+    t = z / 2^(16 + iters - EXP_BITS) (one truncation), whose raw shares are z/2^iters at
+    EXP_BITS bits; b = 1 + t; `iters` squarings at EXP_BITS bits; one truncation back to 16
+    bits (the only step added). 16x less noise; the limit form's own bias (-z^2/2^(iters+1)
+    relative) stays. Wild values: b <= 1, so each squaring truncates a product below
+    2^(2 EXP_BITS) in the ring: about 2^-24 per element ("Wild values", README), against
+    |x| 2^-32 for the head's 16-bit products of size |x|."""
+    from crypten.mpc import MPCTensor
+
+    bits = z.encoder._precision_bits
+    t = z.div(2 ** (bits + iters - EXP_BITS))
+    b = MPCTensor.from_shares(t.share, precision=EXP_BITS) + 1
+    for _ in range(iters):
+        b = b.square()
+    return MPCTensor.from_shares(b.div(2 ** (EXP_BITS - bits)).share, precision=bits)
+
+
 def softmax_parts(logits: Any) -> tuple[Any, Any, Any]:
     """Row max, row sum of exp(logits - max) (in [1, C]: the max term is exp(0)) and softmax,
     for the cross-entropy's loss and gradient (shares, no gradient recorded)."""
     shift = row_max(logits)
-    e = (logits - shift).exp()
+    e = exp_nonpositive(logits - shift)
     total = e.sum(-1, keepdim=True)
     return shift, total, e * reciprocal_in_range(total, 1.0, float(logits.size(-1)))
 
@@ -417,7 +468,7 @@ def mpc_autograd_functions() -> dict[str, type]:
         @staticmethod
         def forward(ctx: Any, logits: Any, onehot: Any) -> Any:
             shift, total, p = softmax_parts(logits)
-            logsumexp = total.log() + shift
+            logsumexp = log_in_range(total, 1.0, float(logits.size(-1))) + shift
             loss = (logsumexp - (onehot * logits).sum(-1, keepdim=True)).mean()
             ctx.mark_non_differentiable(onehot)
             ctx.save_multiple_for_backward([p, onehot])

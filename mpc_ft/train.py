@@ -232,7 +232,7 @@ def train(
         if privacy is None:  # under DP nothing data-dependent beyond the accounted steps
             with ops.no_grad():
                 logits, labels, offsets, totals = (list(c) for c in zip(*state.seen, strict=True))
-                loss_sum = ops.loss_sum(offsets, totals)
+                loss_sum = ops.loss_sum(offsets, totals, labels[0].size(-1))
                 correct = ops.correct(ops.cat(logits), ops.cat(labels))
             total_loss, total_correct = reveal_scalars([loss_sum, correct], f"epoch {epoch + 1}")
             state.seen = []

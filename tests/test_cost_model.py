@@ -185,7 +185,7 @@ def _measure(rank: int, names: list[str]) -> dict[str, tuple[float, int]]:
     import crypten
 
     from mpc_ft import compat
-    from mpc_ft.ops import MpcOps, reciprocal_in_range, row_max
+    from mpc_ft.ops import MpcOps, log_in_range, reciprocal_in_range, row_max
 
     def enc(shape, lo=-2.0, hi=2.0, seed=0):
         return crypten.cryptensor(_rand(shape, lo, hi, seed), src=seed % 2)
@@ -219,6 +219,8 @@ def _measure(rank: int, names: list[str]) -> dict[str, tuple[float, int]]:
         "row_max": (row_max, [enc((3, 5), -3, 3)]),  # odd widths: 5 -> 3 -> 2 -> 1
         "reciprocal_in_range": (lambda t: reciprocal_in_range(t, 1.0, 5.0),
                                 [enc((4, 1), 1, 5)]),
+        "log_in_range": (lambda t: log_in_range(t, 1.0, 2.0), [enc((4, 1), 1, 2)]),
+        "log_in_range_halved": (lambda t: log_in_range(t, 1.0, 10.0), [enc((4, 1), 1, 10)]),
         "linear": (ops.linear, [enc((6, 3)), enc((3, 5), seed=1), enc(5, seed=3)]),
         "layer_norm": (lambda *a: ops.layer_norm(*a, 1e-5),
                        [enc((4, 6)), enc(6, 0.5, 1.5), enc(6, seed=1)]),
@@ -280,6 +282,8 @@ def model(parties: int, precision_bits: int) -> dict[str, cm.Cost]:
         "argmax": cm.argmax(3, 5, p, precision_bits=precision_bits),
         "row_max": cm.row_max(3, 5, p),
         "reciprocal_in_range": cm.reciprocal_in_range(4, p, 1.0, 5.0, ndim=2),
+        "log_in_range": cm.log_in_range(4, p, 1.0, 2.0, ndim=2),
+        "log_in_range_halved": cm.log_in_range(4, p, 1.0, 10.0, ndim=2),
         "linear": cm.linear(6, 3, 5, p),
         "layer_norm": cm.layer_norm(4, 6, p),
         "center": cm.center(4, 6, p),
@@ -307,7 +311,8 @@ def model(parties: int, precision_bits: int) -> dict[str, cm.Cost]:
 SESSIONS = {
     2: list(model(2, 16)),
     3: ["share", "open", "mul", "matmul", "matmul_batched", "public_mul", "square", "ltz",
-        "exp", "inv_sqrt", "max", "row_max", "reciprocal_in_range", "layer_norm", "center",
+        "exp", "inv_sqrt", "max", "row_max", "reciprocal_in_range", "log_in_range",
+        "log_in_range_halved", "layer_norm", "center",
         "quad_activation", "masked_softmax", "masked_mean", "masked_mean_count", "cross_entropy",
         "cross_entropy_backward", "head_linear", "head_matmul", "head_softmax",
         "head_quad_attention", "head_layer_norm", "head_center", "head_gelu",

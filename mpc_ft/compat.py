@@ -23,9 +23,9 @@ Patches (each pinned by a test in tests/test_compat.py):
    step's triples in one message) answered one step ahead (tests/test_offline.py).
 8. Every opening of shares went through gloo's all_reduce, which costs about 1.3 ms per call on
    loopback even for one element (a send/receive pair: 0.16 ms), and every Beaver product and
-   every AND of a comparison opens once: `_open_by_exchange` has each party send its share to
-   every other and add (or XOR) what it receives (same result, same bytes with 2 parties;
-   counted honestly with more).
+   every AND of a comparison opens once: `messages.open_by_exchange` has each party send its
+   shares, in one message, to every other and add (or XOR) what it receives (same result, same
+   bytes with 2 parties; counted honestly with more).
 9. CrypTen's Beaver product makes three local products per party (eps b, a delta, and eps delta
    at party 0); `_beaver_with_two_products` folds the third into the first (eps (b + delta) at
    party 0): the same shares, one product fewer.
@@ -43,6 +43,8 @@ Patches (each pinned by a test in tests/test_compat.py):
 13. Every attribute read of a CrypTensor (hundreds per operation) goes through CrypTen's debug
    wrapper, which reads `cfg.debug.validation_mode` each time; mpc_ft never turns that mode
    on, so `_attribute_reads_without_validation` removes the wrapper.
+14. With 3+ parties every truncation gathers the masked shares at party 0 through gloo's gather
+   (a collective, slow as all_reduce); `messages.gather_by_messages` sends them directly.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+
+from mpc_ft import messages
 
 PROVIDERS = ("TTP", "TFP")
 _STUB_NAME = "torch.onnx._internal.registration"
@@ -257,57 +261,6 @@ def _triples_without_dummy_products() -> None:
     TrustedThirdParty._mpcft_meta_shapes = True
 
 
-def _open_by_exchange() -> None:
-    """Patch 8 (module docstring): opening shares (`all_reduce` with SUM, or XOR for binary
-    shares, on the computing parties' group) by a direct exchange. Party i sends its shares of
-    all the tensors, in one message, to each other party, then receives theirs and adds (XORs)
-    them: with 2 parties that is what a ring all_reduce sends (n elements each way) in one
-    exchange instead of gloo's several steps. With P > 2 each party sends (P - 1) n elements
-    instead of the ring's 2 (P - 1) / P n, for one exchange instead of 2 (P - 1) steps;
-    CrypTen's counter logs 2 n per call, so the difference is added to its byte count. Any other
-    reduction goes to the original."""
-    import crypten
-    import torch
-    import torch.distributed as dist
-    from crypten.communicator.communicator import _logging
-    from crypten.communicator.distributed_communicator import DistributedCommunicator as cls
-
-    if getattr(cls, "_mpcft_exchange", False):
-        return
-    original = cls.all_reduce.__wrapped__  # under CrypTen's `_logging`, which counts the call
-
-    def all_reduce(self, input, op=dist.ReduceOp.SUM, batched=False):  # noqa: A002, ANN001, ANN202
-        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR):
-            return original(self, input, op=op, batched=batched)
-        xor = op == dist.ReduceOp.BXOR
-        tensors = [t.data for t in (input if batched else [input])]
-        parts = [t.reshape(-1) for t in tensors]
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0]  # one message per peer
-        rank, size = self.get_rank(), self.get_world_size()
-        peers = [p for p in range(size) if p != rank]
-        sends = [dist.isend(flat, p, group=self.main_group) for p in peers]
-        total, received = None, torch.empty_like(flat)
-        for p in peers:
-            dist.recv(received, p, group=self.main_group)
-            if total is None:  # a new tensor: `flat` may still be on its way
-                total = flat ^ received if xor else flat + received
-            elif xor:
-                total ^= received
-            else:
-                total += received  # int64: wraps modulo 2^64, as the shares do
-        for request in sends:
-            request.wait()
-        sizes = [t.numel() for t in tensors]
-        results = [part.view(t.size()) for part, t in zip(total.split(sizes), tensors, strict=True)]
-        if size > 2 and crypten.cfg.communicator.verbose:  # what `_logging` counted: 2 n
-            extra = 2 * (size - 2) * sum(t.nelement() for t in tensors)
-            self.comm_bytes += extra * self.BYTES_PER_ELEMENT
-        return results if batched else results[0]
-
-    cls.all_reduce = _logging(all_reduce)
-    cls._mpcft_exchange = True
-
-
 def _beaver_with_two_products() -> None:
     """Patch 9 (module docstring): CrypTen's Beaver protocol (crypten/mpc/primitives/beaver.py)
     for z = x op y with a triple (a, b, c = a op b): open eps = x - a and delta = y - b; then
@@ -449,7 +402,8 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     crypten = import_crypten()
     _configure(crypten, ep)
     _triples_without_dummy_products()
-    _open_by_exchange()
+    messages.open_by_exchange()
+    messages.gather_by_messages()
     _beaver_with_two_products()
     _empty_mpc_tensors()
     _sign_by_carry()

@@ -184,13 +184,18 @@ def _protocol_patches_party(rank):
     from crypten.mpc import MPCTensor
 
     size = comm.get().get_world_size()
-    out = {}
+    out = {"rank": rank}
     # patch 8: openings by exchange equal the sum (XOR) of every party's share, batched or not
     mine = [torch.arange(5) * (rank + 1), torch.full((2, 3), 1 << rank)]
     before = compat.communication_stats()["bytes"]
     out["sum"] = comm.get().all_reduce(mine, batched=True)
     out["sum_bytes"] = compat.communication_stats()["bytes"] - before
     out["xor"] = comm.get().all_reduce(mine[1], op=dist.ReduceOp.BXOR)
+    # patch 14: a gather by messages: every party's tensor at the root, counted as CrypTen does
+    before = compat.communication_stats()["bytes"]
+    out["gather"] = comm.get().gather(torch.full((3,), rank), 1)
+    out["gather_bytes"] = compat.communication_stats()["bytes"] - before
+    out["gather_patched"] = getattr(type(comm.get()), "_mpcft_gather", False)
     # patch 9: Beaver products with two local products
     x = crypten.cryptensor(torch.tensor([[1.5, -2.0], [0.25, 3.0]]), src=0)
     y = crypten.cryptensor(torch.tensor([[2.0, 0.5], [-1.0, 4.0]]), src=size - 1)
@@ -211,7 +216,7 @@ def _protocol_patches_party(rank):
 
 @pytest.mark.parametrize("parties", [2, 3])
 def test_openings_products_shells_and_attribute_reads(parties):
-    """Patches 8, 9, 11 and 13 (12 and 10: tests/test_compare.py, tests/test_products.py)."""
+    """Patches 8, 9, 11, 13 and 14 (12 and 10: tests/test_compare.py, tests/test_products.py)."""
     from mpc_ft.multiparty import run_multiparty
 
     for out in run_multiparty(_protocol_patches_party, parties=parties):
@@ -221,6 +226,13 @@ def test_openings_products_shells_and_attribute_reads(parties):
         # counted as sent and received, to and from every peer: 2 (P - 1) 11 elements of 8 B
         assert out["sum_bytes"] == 2 * (parties - 1) * 11 * 8
         assert torch.equal(out["xor"], torch.full((2, 3), (1 << parties) - 1))
+        rank = out["rank"]
+        if rank == 1:  # the root receives P - 1 tensors of 3 elements; the others send one
+            assert [t.tolist() for t in out["gather"]] == [[r] * 3 for r in ranks]
+        else:
+            assert out["gather"] == [None]
+        assert out["gather_bytes"] == 8 * 3 * ((parties - 1) if rank == 1 else 1)
+        assert out["gather_patched"]
         x = torch.tensor([[1.5, -2.0], [0.25, 3.0]])
         y = torch.tensor([[2.0, 0.5], [-1.0, 4.0]])
         assert torch.allclose(out["mul"], x * y, atol=1e-3)

@@ -195,6 +195,20 @@ def bit_to_arithmetic(bits: Any, count: int = 0
     return r_arithmetic * (1 - 2 * z) + z, z, r_arithmetic.share, pairs
 
 
+def count_wraps(shares: list[torch.Tensor]) -> torch.Tensor:
+    """How many times the int64 sum of `shares` wraps: the true sum is the ring's sum plus that
+    many 2^64 (CrypTen's crypten.common.util.count_wraps, compat patch 15, which traces the
+    running sum with six comparisons and two conversions per term). Each share is split into a
+    signed high and an unsigned low half, x = h 2^32 + l; then the true sum is
+    H 2^32 + low with H = sum h + (sum l >> 32), and the wraps are floor((H + 2^31) / 2^32)."""
+    high, low = shares[0] >> 32, shares[0] & 0xFFFFFFFF
+    for x in shares[1:]:
+        high += x >> 32
+        low += x & 0xFFFFFFFF
+    high += (low >> 32) + (1 << 31)
+    return high >> 32
+
+
 def ltz(x: Any) -> Any:
     """x < 0 for an arithmetic MPCTensor x, as CrypTen's MPCTensor._ltz returns it (a 0/1
     arithmetic sharing whose encoder has scale 1)."""

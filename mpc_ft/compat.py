@@ -45,6 +45,9 @@ Patches (each pinned by a test in tests/test_compat.py):
    on, so `_attribute_reads_without_validation` removes the wrapper.
 14. With 3+ parties every truncation gathers the masked shares at party 0 through gloo's gather
    (a collective, slow as all_reduce); `messages.gather_by_messages` sends them directly.
+15. The same truncation counts the wraps of a sum of shares with six comparisons and two
+   conversions per term (`count_wraps`, twice per truncation at party 0); `_fast_wrap_counts`
+   uses compare.count_wraps, the same counts from split halves, 2-3x faster (also the dealer's).
 """
 
 from __future__ import annotations
@@ -347,6 +350,17 @@ def _attribute_reads_without_validation(crypten: types.ModuleType) -> None:
         CrypTensor.__getattribute__ = wrapped.__wrapped__
 
 
+def _fast_wrap_counts() -> None:
+    """Patch 15 (module docstring): CrypTen's count_wraps, where its protocols imported it."""
+    from crypten.mpc.primitives import beaver
+    from crypten.mpc.provider import tfp_provider, ttp_provider
+
+    from mpc_ft import compare
+
+    for module in (beaver, ttp_provider, tfp_provider):
+        module.count_wraps = compare.count_wraps
+
+
 def _sign_by_carry() -> None:
     """Patch 12 (module docstring): MPCTensor._ltz of arithmetic shares by compare.ltz; the
     TTP provider gains compare.bit_pair (traceable, so offline.TripleCache fetches it ahead)."""
@@ -404,6 +418,7 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     _triples_without_dummy_products()
     messages.open_by_exchange()
     messages.gather_by_messages()
+    _fast_wrap_counts()
     _beaver_with_two_products()
     _empty_mpc_tensors()
     _sign_by_carry()
@@ -427,6 +442,7 @@ def run_dealer(ep: PartyEndpoint, store: Any = None) -> None:
         raise ValueError("the dealer's rank must equal the number of computing parties")
     crypten = import_crypten()
     _configure(crypten, ep)
+    _fast_wrap_counts()
     from mpc_ft.offline import dealer_class
 
     with _process_groups(ep.timeout_s, store):

@@ -45,6 +45,24 @@ def test_pack_and_unpack_bits():
     assert compare.pack(torch.ones(64, dtype=torch.long)).item() == -1
 
 
+def test_count_wraps_equals_cryptens():
+    """compare.count_wraps (compat patch 15) against CrypTen's own, for 2 to 4 terms, with
+    sums that wrap up, down and not at all, and the extremes."""
+    from mpc_ft import compat
+
+    compat.import_crypten()
+    from crypten.common.util import count_wraps
+
+    g = torch.Generator().manual_seed(5)
+    for terms in (2, 3, 4):
+        shares = [torch.randint(-(2**63), 2**63 - 1, (1000,), generator=g) for _ in range(terms)]
+        shares[0][:4] = torch.tensor([2**63 - 1, -(2**63), 0, 5])
+        shares[1][:4] = torch.tensor([1, -1, 0, -6])
+        want = count_wraps(shares)
+        assert torch.equal(compare.count_wraps(shares), want), terms
+        assert set(want.unique().tolist()) >= {-1, 0, 1}
+
+
 def _ltz_party(rank, values):
     import crypten
 

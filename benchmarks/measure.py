@@ -120,14 +120,16 @@ def measure(
     repeats: int = 3,
     timeout_s: float = 900,
     ops_options: dict[str, Any] | None = None,
+    dealer_ahead: bool = True,
 ) -> Result:
     """The workload under MPC (parties + the dealer) and in plaintext, in this one run.
-    `ops_options`: keyword arguments for MpcOps (e.g. reuse_openings=False)."""
+    `ops_options`: keyword arguments for MpcOps (e.g. reuse_openings=False); dealer_ahead:
+    as run_multiparty's (False: the dealer idles while a step runs)."""
     build = functools.partial(build, **config)
     run = functools.partial(run, **config)
     per_party = run_multiparty(
         _mpc_party, parties=parties, args=(build, run, repeats, ops_options or {}),
-        timeout_s=timeout_s,
+        timeout_s=timeout_s, dealer_ahead=dealer_ahead,
     )  # fmt: skip
     return Result(mpc=per_party[0], per_party=per_party, plain=plaintext(build, run, repeats))
 

@@ -69,6 +69,26 @@ def test_reference_step_with_triples_ahead(benchmark, parties, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("parties", [2, 3])
+def test_reference_step_with_an_idle_dealer(benchmark, parties, variant):
+    """The step with triples ahead, the dealer computing them only when asked (not during the
+    previous step, as the training loop's dealer does): "offline" is then all of the dealer's
+    work and "step" the online phase alone, as with a dealer on its own host. On one machine
+    the dealer's work ahead shares the cores with the parties' step."""
+    config = REFERENCE | {"mode": "train", "native": variant == "native", "triples_ahead": True}
+    result = benchmark.pedantic(measure, args=(head_build, head_run, config),
+                                kwargs={"parties": parties, "repeats": pick(1, 5),
+                                        "dealer_ahead": False},
+                                rounds=1, iterations=1)  # fmt: skip
+    for phase in ("offline", "step"):
+        case = f"reference/{variant}-ahead-idle-dealer/mpc{parties}/{phase}"
+        variant_name = f"{variant}, triples ahead, idle dealer"
+        row = write_phase_row(case, result, phase, group="reference", config=config,
+                              parties=parties, variant=variant_name)  # fmt: skip
+        assert row["bytes_per_party"][1] > 0 or phase == "offline"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_reference_step_with_crypten_autograd(benchmark, variant):
     """The same online step with CrypTen's own autograd for products (mpc.reuse_openings =
     false: two fresh Beaver products per product's backward), the "before" of products.py;

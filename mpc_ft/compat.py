@@ -429,8 +429,9 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     return crypten
 
 
-def run_dealer(ep: PartyEndpoint, store: Any = None) -> None:
-    """Serve Beaver triples as CrypTen's trusted third party until the parties finish.
+def run_dealer(ep: PartyEndpoint, store: Any = None, ahead: bool = True) -> None:
+    """Serve Beaver triples as CrypTen's trusted third party until the parties finish
+    (`ahead`: compute each bulk answer again while the parties run the step, offline.py).
 
     The dealer sees only random values it generates itself; it never receives data. It returns
     when party 0 sends CrypTen's terminate message (at party 0's `uninit`), and also, silently,
@@ -447,7 +448,7 @@ def run_dealer(ep: PartyEndpoint, store: Any = None) -> None:
 
     with _process_groups(ep.timeout_s, store):
         # Patch 7: CrypTen's TTPServer with a bulk request, answered one step ahead
-        dealer_class()()  # runs its request loop inside the constructor
+        dealer_class()(ahead)  # runs its request loop inside the constructor
     _shutdown_process_group()
 
 

@@ -71,6 +71,7 @@ def _party_main(
     out: mp.Queue,
     netns: str | None = None,
     latency_s: float = 0.0,
+    dealer_ahead: bool = True,
 ) -> None:
     try:
         if netns is not None:
@@ -80,7 +81,7 @@ def _party_main(
 
         torch.set_num_threads(1)
         if ep.rank == ep.world_size:
-            compat.run_dealer(ep)
+            compat.run_dealer(ep, ahead=dealer_ahead)
             out.put((ep.rank, "ok", None))
             return
         compat.init_party(ep)
@@ -108,13 +109,15 @@ def run_multiparty(
     args: tuple = (),
     hosts: dict[int, tuple[str, str, str]] | None = None,
     latency_s: float = 0.0,
+    dealer_ahead: bool = True,
 ) -> list[Any]:
     """fn(rank, *args) on `parties` computing parties (+ the dealer); returns results by rank.
 
     hosts: rank -> (network namespace, its address, its interface) for every process, the
     dealer's rank (== parties) included; gloo binds to that interface and the rendezvous is on
     rank 0's address. latency_s: each computing party (not the dealer) sleeps this long per
-    CrypTen round while `fn` runs (compat.emulate_latency, a benchmark emulation)."""
+    CrypTen round while `fn` runs (compat.emulate_latency, a benchmark emulation).
+    dealer_ahead=False: the dealer computes a step's triples only when asked (offline.py)."""
     ranks = list(range(parties + (1 if provider == "TTP" else 0)))
     if hosts is not None and set(hosts) != set(ranks):
         raise ValueError(f"hosts must name exactly ranks {ranks}, got {sorted(hosts)}")
@@ -135,7 +138,9 @@ def run_multiparty(
         )
         netns = None if hosts is None else hosts[rank][0]
         procs[rank] = ctx.Process(
-            target=_party_main, args=(ep, fn, args, out, netns, latency_s), daemon=True
+            target=_party_main,
+            args=(ep, fn, args, out, netns, latency_s, dealer_ahead),
+            daemon=True,
         )
         procs[rank].start()
     results: dict[int, Any] = {}

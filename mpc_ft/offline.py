@@ -84,15 +84,18 @@ class _Tuples(dict):
 
 
 def dealer_class() -> type:
-    """CrypTen's TTPServer serving bulk requests, one step ahead (module docstring), the
-    triples with gradient correlations of products.py and compare.py's bit pairs; its
-    constructor runs the request loop until party 0 says "terminate" or a link breaks."""
+    """CrypTen's TTPServer serving bulk requests, one step ahead (module docstring; with
+    `ahead=False` only when asked, so that its work never overlaps a step: benchmarks use it to
+    time the online phase alone on a shared machine), the triples with gradient correlations
+    of products.py and compare.py's bit pairs; its constructor runs the request loop until
+    party 0 says "terminate" or a link breaks."""
     import crypten
     import crypten.communicator as comm
     from crypten.mpc.provider.ttp_provider import TTPServer
 
     class Dealer(TTPServer):
-        def __init__(self) -> None:  # TTPServer.__init__, with `serve` as the loop
+        def __init__(self, ahead: bool = True) -> None:  # TTPServer.__init__; `serve` loops
+            self.ahead = ahead
             crypten.init()
             self.ttp_group = comm.get().ttp_group
             self.comm_group = comm.get().ttp_comm_group
@@ -121,7 +124,7 @@ def dealer_class() -> type:
                 ahead = None
                 comm.get().send_obj(result.size(), 0, self.ttp_group)
                 comm.get().broadcast(result, comm.get().get_ttp_rank(), self.comm_group)
-                if name == BULK:  # the next step will most likely ask the same
+                if name == BULK and self.ahead:  # the next step will most likely ask the same
                     states = [g.get_state() for g in self.generators]
                     ahead = (args[0], states, serve_bulk(self, args[0]))
 

@@ -1,4 +1,4 @@
-"""The sign of shared values (x < 0) from a carry-only adder on packed bits.
+"""The sign of shared values (x < 0) from a carry-only adder on packed bits, and products by it.
 
 CrypTen's comparison (MPCTensor._ltz) converts the arithmetic shares to binary ones and adds
 them with a full Kogge-Stone adder: all 64 sum bits, 13 AND-words per element (an AND of the
@@ -25,11 +25,11 @@ only a halving tree over the 63 lower bit positions:
    and relu, use it. Each e is masked by its own fresh a; the dealer sees names and shapes.
 
 About 3n AND-words instead of 13n, and n / 64 words instead of n for the B2A, in the same 8
-rounds (2 parties). With P > 2 parties the
-P shares are first reduced to two operands by carry-save steps, a + b + c = (a ^ b ^ c) +
-2 maj(a, b, c) with maj = ((a ^ c) & (b ^ c)) ^ c: one AND of n words and one round each, where
-CrypTen sums them with full adders (13 AND-words and 7 rounds each). Everything but the ANDs
-and the B2A is local bit shifting and masking of each party's binary share.
+rounds (2 parties). With P > 2 parties the P shares are first reduced to two operands by
+carry-save steps, a + b + c = (a ^ b ^ c) + 2 maj(a, b, c) with maj = ((a ^ c) & (b ^ c)) ^ c:
+one AND of n words and one round each, where CrypTen sums them with full adders (13 AND-words
+and 7 rounds each). Everything but the ANDs and the B2A is local bit shifting and masking of
+each party's binary share. `count_wraps` (compat patch 15) serves CrypTen's truncation.
 """
 
 from __future__ import annotations
@@ -179,7 +179,9 @@ def bit_to_arithmetic(bits: Any, count: int = 0
     share of r and the pairs (a, a r) for `count` BitProducts (step 5; CrypTen's own B2A
     request, and no pairs, when count is 0 or there is no TTP dealer)."""
     import crypten
-    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+    import crypten.communicator as comm
+    import torch.distributed as dist
+    from crypten.mpc.primitives import ArithmeticSharedTensor
 
     provider = crypten.mpc.get_default_provider()
     pairs: list = []
@@ -190,8 +192,8 @@ def bit_to_arithmetic(bits: Any, count: int = 0
     else:
         r_arithmetic, r_binary = provider.B2A_rng(bits.size())
         r_binary = r_binary.share
-    masked = BinarySharedTensor.from_shares(pack((bits.share & 1) ^ r_binary))
-    z = unpack(masked.reveal(), bits.numel())
+    masked = pack((bits.share & 1) ^ r_binary)  # this party's share of z = bit ^ r, packed
+    z = unpack(comm.get().all_reduce(masked, op=dist.ReduceOp.BXOR), bits.numel())
     return r_arithmetic * (1 - 2 * z) + z, z, r_arithmetic.share, pairs
 
 

@@ -164,7 +164,7 @@ class BitProducts:
             return y * self.bit
         a, a_r = self.pairs.pop(0)
         share = y._tensor.share.reshape(-1)
-        (e,) = products._open([share - a])
+        (e,) = products.open_masked([share - a])
         product = self.z * share + (1 - 2 * self.z) * (e * self.r + a_r)
         result = y.shallow_copy()
         result._tensor = y._tensor.shallow_copy()
@@ -183,9 +183,11 @@ def bit_to_arithmetic(bits: Any, count: int = 0
     import torch.distributed as dist
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
+    from mpc_ft import products
+
     provider = crypten.mpc.get_default_provider()
     pairs: list = []
-    if count and getattr(provider, "NAME", "") == "TTP" and not crypten.cfg.mpc.active_security:
+    if count and products.dealer_correlations():
         r_share, r_binary, *rest = getattr(provider, BIT_PROVIDER_METHOD)(bits.size(), count)
         r_arithmetic = ArithmeticSharedTensor.from_shares(r_share, precision=0)
         pairs = list(zip(rest[:count], rest[count:], strict=True))

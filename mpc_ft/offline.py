@@ -95,7 +95,7 @@ def dealer_class() -> type:
 
     class Dealer(TTPServer):
         def __init__(self, ahead: bool = True) -> None:  # TTPServer.__init__; `serve` loops
-            self.ahead = ahead
+            self.works_ahead = ahead
             crypten.init()
             self.ttp_group = comm.get().ttp_group
             self.comm_group = comm.get().ttp_comm_group
@@ -124,7 +124,7 @@ def dealer_class() -> type:
                 ahead = None
                 comm.get().send_obj(result.size(), 0, self.ttp_group)
                 comm.get().broadcast(result, comm.get().get_ttp_rank(), self.comm_group)
-                if name == BULK and self.ahead:  # the next step will most likely ask the same
+                if name == BULK and self.works_ahead:  # the next step will most likely ask the same
                     states = [g.get_state() for g in self.generators]
                     ahead = (args[0], states, serve_bulk(self, args[0]))
 

@@ -129,10 +129,20 @@ def reusable_triple(provider: Any, op: str, size0: torch.Size, size1: torch.Size
     return (a, b, r, *products)
 
 
-def _open(shares: list[torch.Tensor]) -> list[torch.Tensor]:
+def open_masked(shares: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Open this party's shares of masked values (x - a, ...) in one exchange (compat 8)."""
     import crypten.communicator as comm
 
     return comm.get().all_reduce(shares, batched=True)
+
+
+def dealer_correlations() -> bool:
+    """Whether this project's dealer requests can be used: the TTP dealer, no active security
+    (compare.py's bit pairs and the triples here; otherwise CrypTen's own protocol runs)."""
+    import crypten
+
+    provider = crypten.mpc.get_default_provider()
+    return getattr(provider, "NAME", "") == "TTP" and not crypten.cfg.mpc.active_security
 
 
 def _shared(like: Any, *shares: torch.Tensor) -> Any:
@@ -152,13 +162,10 @@ def _shared(like: Any, *shares: torch.Tensor) -> Any:
 
 
 def _eligible(op: str, x: Any, y: Any) -> bool:
-    import crypten
     from crypten.mpc import MPCTensor
     from crypten.mpc.ptype import ptype as Ptype
 
-    if crypten.cfg.mpc.active_security:
-        return False
-    if getattr(crypten.mpc.get_default_provider(), "NAME", "") != "TTP":
+    if not dealer_correlations():
         return False
     operands = [x] if op == "square" else [x, y]
     for t in operands:
@@ -185,10 +192,10 @@ def _secret_product(ctx: Any, op: str, x: Any, y: Any) -> Any:
     )
     xs = x._tensor.share
     if op == "square":
-        (e,) = _open([xs - a])
+        (e,) = open_masked([xs - a])
         d = e
     else:
-        e, d = _open([xs - a, y._tensor.share - b])
+        e, d = open_masked([xs - a, y._tensor.share - b])
     z = beaver_shares(_fn(op), e, d, a, b, c, first=comm.get().get_rank() == 0)
     need_y = op != "square" and bool(getattr(y, "requires_grad", False))
     ctx.mpcft = ("secret", op, x.size(), size1, e, d, a, b, r, corr_x, corr_y,
@@ -207,7 +214,7 @@ def _backward(ctx: Any, g: Any) -> tuple[Any, Any]:
         return _inverse_broadcast(grad, size0), None
     size0, size1, e, d, a, b, r, corr_x, corr_y, need_x, need_y = saved
     gs = g._tensor.share
-    (f,) = _open([gs - r])
+    (f,) = open_masked([gs - r])
     if op == "square":
         # 2 x g = 2 (e g + a f + [a r])
         return (_shared(g, (e * gs + a * f + corr_y) * 2) if need_x else None), None

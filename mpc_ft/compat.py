@@ -48,6 +48,9 @@ Patches (each pinned by a test in tests/test_compat.py):
 15. The same truncation counts the wraps of a sum of shares with six comparisons and two
    conversions per term (`count_wraps`, twice per truncation at party 0); `_fast_wrap_counts`
    uses compare.count_wraps, the same counts from split halves, 2-3x faster (also the dealer's).
+16. With exactly 3 parties that whole protocol is replaced (`truncation.install`): parties 0
+   and 2 mask party 2's share with a seed they share, party 1 receives it, and the two shares
+   left are divided locally as with 2 parties (one message, no dealer pair, no wrap counts).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from mpc_ft import messages
+from mpc_ft import messages, truncation
 
 PROVIDERS = ("TTP", "TFP")
 _STUB_NAME = "torch.onnx._internal.registration"
@@ -419,6 +422,7 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     messages.open_by_exchange()
     messages.gather_by_messages()
     _fast_wrap_counts()
+    truncation.install()
     _beaver_with_two_products()
     _empty_mpc_tensors()
     _sign_by_carry()

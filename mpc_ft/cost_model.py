@@ -6,8 +6,9 @@ decorator of its communicator): every communicator call is one "round"; bytes ar
 element. That is CrypTen's convention: an all_reduce (an opening) of n elements counts 2n (sent
 and received) with 2 parties, and, opened by compat's direct exchange (patch 8), 2 (N - 1) n with
 N, the wire bytes; a gather counts (N-1)n at the root and n elsewhere, a received
-broadcast counts n. Truncation after a fixed-point multiply is local with 2 parties; with 3+ it
-is CrypTen's wrap-count protocol (a dealer call, a gather to party 0).
+broadcast counts n. Truncation after a fixed-point multiply is local with 2 parties; with 3 it
+is truncation.py's (party 2 sends n elements to party 1; party 0 neither sends nor waits), with 4+
+CrypTen's wrap-count protocol (a dealer call, a gather to party 0).
 
 Party 0 differs: every `Cost` holds `bytes`/`rounds` for parties 1..N-1 and `bytes0`/`rounds0`
 for party 0, which alone talks to the dealer. Each tuple it fetches (Beaver triple, square pair,
@@ -35,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mpc_ft import compare
+from mpc_ft import compare, truncation
 
 # CrypTen 0.4.1 defaults (crypten/configs/default.yaml) and constants of its code.
 EXP_ITERATIONS = 8  # functions.exp_iterations: exp(x) = (1 + x / 2^8)^(2^8)
@@ -100,9 +101,12 @@ def open_(numel: int, parties: int) -> Cost:
 
 def public_mul(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     """secret * public float or tensor, or / public int: only the truncation. 2 parties: local;
-    3+: dealer wrap pair, gather of the masked shares to party 0. (* a Python int is free.)"""
+    3: one message from party 2 to party 1 (truncation.py); 4+: dealer wrap pair, gather of the
+    masked shares to party 0. (* a Python int is free.)"""
     if parties == 2:
         return Cost()
+    if parties == truncation.PARTIES:
+        return Cost(ELEMENT * numel, 1, 0, 0)
     root = ELEMENT * numel * (parties - 1)
     return _dealer(numel, ndim) + Cost(ELEMENT * numel, 1, root, 1)
 

@@ -216,7 +216,8 @@ def _protocol_patches_party(rank):
 
 @pytest.mark.parametrize("parties", [2, 3])
 def test_openings_products_shells_and_attribute_reads(parties):
-    """Patches 8, 9, 11, 13 and 14 (12 and 10: tests/test_compare.py, tests/test_products.py)."""
+    """Patches 8, 9, 11, 13 and 14 (12 and 10: tests/test_compare.py, tests/test_products.py;
+    16: tests/test_truncation.py)."""
     from mpc_ft.multiparty import run_multiparty
 
     for out in run_multiparty(_protocol_patches_party, parties=parties):

@@ -32,10 +32,12 @@ def test_mul_10_elements():
     # 2 parties: truncation is local. Party 0 also fetches c from the dealer: 3 calls,
     # 184 + 56 + 80 B.
     assert cm.mul(10, 2) == cm.Cost(320, 1, 320 + DEALER_1D + 80, 4)
-    # 3 parties: the opening counts twice (two peers); + truncation: a dealer wrap pair
-    # (party 0) and a gather of 10 elements to party 0, which counts (3 - 1) * 10 * 8 = 160 B;
-    # the others count 80 B.
-    assert cm.mul(10, 3) == cm.Cost(640 + 80, 2, 640 + 2 * (DEALER_1D + 80) + 160, 8)
+    # 3 parties: the opening counts twice (two peers); + truncation (truncation.py): party 2
+    # sends 10 elements to party 1, 80 B counted by each of them in one round; party 0 none
+    assert cm.mul(10, 3) == cm.Cost(640 + 80, 2, 640 + DEALER_1D + 80, 4)
+    # 4 parties: CrypTen's truncation, a dealer wrap pair (party 0) and a gather of 10 elements
+    # to party 0, which counts (4 - 1) * 10 * 8 = 240 B; the others count 80 B
+    assert cm.mul(10, 4) == cm.Cost(960 + 80, 2, 960 + 2 * (DEALER_1D + 80) + 240, 8)
 
 
 def test_matmul_2x3_by_3x4():
@@ -48,7 +50,7 @@ def test_matmul_2x3_by_3x4():
 
 def test_public_mul_is_free_for_two_parties_only():
     assert cm.public_mul(10, 2) == cm.Cost()
-    assert cm.public_mul(10, 3) == cm.Cost(80, 1, 160 + DEALER_1D + 80, 4)
+    assert cm.public_mul(10, 3) == cm.Cost(80, 1, 0, 0)  # parties 2 -> 1, party 0 idle
     assert cm.public_mul(10, 4).bytes0 == 240 + DEALER_1D + 80
 
 
@@ -153,9 +155,10 @@ def test_composites_contain_their_parts(parties):
     assert ge(cm.layer_norm(8, 16, 3), cm.layer_norm(8, 16, 2))
 
 
-@pytest.mark.parametrize("parties", [2, 3])
+@pytest.mark.parametrize("parties", [2, 4])
 def test_more_dimensions_cost_party0_8_bytes_per_dealer_call(parties):
-    # party 0's extra rounds are its dealer calls, 3 each; each returns a torch.Size 8 B longer,
+    # party 0's extra rounds are its dealer calls, 3 each (not with 3 parties, where party 0
+    # also skips the truncations' rounds); each returns a torch.Size 8 B longer,
     # but for the 8 calls of every comparison's carry tree and bit conversion (compare.py works
     # on flattened words)
     p = parties

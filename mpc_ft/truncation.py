@@ -1,0 +1,83 @@
+"""Truncation of fixed-point shares with three computing parties (compat patch 16).
+
+A product of two fixed-point values carries twice the fractional bits, so its shares are divided
+by the scale. With two parties CrypTen does that locally (SecureML's trick): each party divides
+its own share, and the sum is right to within one unit unless the two shares' signed sum wraps,
+which has probability about |x| 2^-63 because one share is uniformly random. With three or more
+parties local division fails (three uniform shares wrap most of the time), and CrypTen runs a
+wrap-count protocol instead: a dealer pair (r, wraps of r's shares), count_wraps at every party,
+a gather of x + r at party 0 and count_wraps there. That was about half of a 3-party step.
+
+With exactly three parties `truncate` turns the three shares into two, then divides as two
+parties do. Steps, for shares x0, x1, x2 of x:
+1. Parties 0 and 2 draw the same uniform s from the generator they already share (CrypTen's
+   pairwise seeds: party 0's "prev" is party 2's "next"); nobody else can compute s.
+2. Party 2 sends x2 - s to party 1, and its own share becomes 0.
+3. Party 0's share becomes x0 + s; party 1's becomes x1 + (x2 - s). They still sum to x, and
+   party 0's share is uniform, as one share of a 2-party sharing is.
+4. Every party divides its share by the divisor, rounding toward zero (CrypTen's 2-party rule).
+
+What each party learns: party 1 receives x2 - s, which to it is uniform and independent of x,
+since s comes from a seed only parties 0 and 2 hold; parties 0 and 2 receive nothing. That is
+the semi-honest, non-colluding model of the project (any two of three parties together can open
+every value anyway).
+
+Cost: one message of n elements from party 2 to party 1 (CrypTen's: 2n into party 0, a dealer
+pair for party 0 and four count_wraps), and party 0 never waits. Error: at most one unit, and a
+wild value with probability about |x| 2^-63 per element, as with two parties (CrypTen's
+protocol ignores the wrap of x + r: about |x| 2^-64). Other party counts keep CrypTen's
+protocol. The divisor may be any positive integer or integer tensor, as CrypTen's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PARTIES = 3  # the party count this protocol serves; others keep CrypTen's
+SENDER, RECEIVER = 2, 1  # party 2 folds its share into party 1's
+
+
+def truncate(x: Any, divisor: Any, fallback: Any) -> Any:
+    """Divide the ArithmeticSharedTensor `x` in place by the public integer `divisor` (module
+    docstring); with a party count other than three, `fallback(x, divisor)` (CrypTen's)."""
+    import crypten
+    import crypten.communicator as comm
+    from crypten.common.rng import generate_random_ring_element
+
+    channel = comm.get()
+    share = x.share
+    if channel.get_world_size() != PARTIES or share.numel() == 0:
+        return fallback(x, divisor)
+    rank = channel.get_rank()
+    if rank == 0:
+        pair = crypten.generators["prev"][share.device]  # shared with party 2
+        share = share + generate_random_ring_element(share.size(), generator=pair,
+                                                     device=share.device)  # fmt: skip
+    elif rank == SENDER:
+        pair = crypten.generators["next"][share.device]  # shared with party 0
+        mask = generate_random_ring_element(share.size(), generator=pair, device=share.device)
+        channel.send((share - mask).contiguous(), RECEIVER)
+        share = torch.zeros_like(share)
+    else:
+        received = torch.empty(share.size(), dtype=share.dtype, device=share.device)
+        share = share + channel.recv(received, SENDER)
+    x.share = share.div_(divisor, rounding_mode="trunc")
+    return x
+
+
+def install() -> None:
+    """Patch 16: CrypTen's beaver.truncate (used by ArithmeticSharedTensor.div_ with 3+
+    parties) by `truncate`, which keeps CrypTen's for other party counts."""
+    from crypten.mpc.primitives import beaver
+
+    original = beaver.truncate
+    if getattr(original, "_mpcft_truncate", False):
+        return
+
+    def patched(x: Any, y: Any) -> Any:
+        return truncate(x, y, original)
+
+    patched._mpcft_truncate = True  # type: ignore[attr-defined]
+    beaver.truncate = patched

@@ -28,8 +28,10 @@ About 3n AND-words instead of 13n, and n / 64 words instead of n for the B2A, in
 rounds (2 parties). With P > 2 parties the P shares are first reduced to two operands by
 carry-save steps, a + b + c = (a ^ b ^ c) + 2 maj(a, b, c) with maj = ((a ^ c) & (b ^ c)) ^ c:
 one AND of n words and one round each, where CrypTen sums them with full adders (13 AND-words
-and 7 rounds each). Everything but the ANDs and the B2A is local bit shifting and masking of
-each party's binary share. `count_wraps` (compat patch 15) serves CrypTen's truncation.
+and 7 rounds each). With exactly 3 parties no AND is needed: truncation.fold first moves party
+2's share, masked, to party 1 (one message, n elements), and two arithmetic shares remain.
+Everything but the ANDs and the B2A is local bit shifting and masking of each party's binary
+share. `count_wraps` (compat patch 15) serves CrypTen's truncation.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from mpc_ft import truncation
 
 BITS = 64
 LEVELS = 6  # log2(64)
@@ -233,7 +237,10 @@ def negative(x: Any, count: int) -> tuple[Any, BitProducts]:
     from crypten.mpc.ptype import ptype as Ptype
 
     share = x._tensor.share
-    parts = [BinarySharedTensor(share, src=i) for i in range(comm.get().get_world_size())]
+    parties = comm.get().get_world_size()
+    if parties == truncation.PARTIES and share.numel():  # two shares: party 2's folded away
+        share, parties = truncation.fold(share), 2
+    parts = [BinarySharedTensor(share, src=i) for i in range(parties)]
     while len(parts) > 2:  # carry-save: a + b + c = (a ^ b ^ c) + 2 maj(a, b, c), one AND
         a, b, c, *rest = parts
         parts = [a ^ b ^ c, (((a ^ c) & (b ^ c)) ^ c) << 1, *rest]

@@ -99,6 +99,12 @@ def open_(numel: int, parties: int) -> Cost:
     return _opening(2 * ELEMENT * numel, parties)
 
 
+def _fold(numel: int) -> Cost:
+    """truncation.fold (3 parties): party 2 sends n elements to party 1, which receives them
+    (each counts n, one round); party 0 neither sends nor waits."""
+    return Cost(ELEMENT * numel, 1, 0, 0)
+
+
 def public_mul(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     """secret * public float or tensor, or / public int: only the truncation. 2 parties: local;
     3: one message from party 2 to party 1 (truncation.py); 4+: dealer wrap pair, gather of the
@@ -106,7 +112,7 @@ def public_mul(numel: int, parties: int, *, ndim: int = 1) -> Cost:
     if parties == 2:
         return Cost()
     if parties == truncation.PARTIES:
-        return Cost(ELEMENT * numel, 1, 0, 0)
+        return _fold(numel)
     root = ELEMENT * numel * (parties - 1)
     return _dealer(numel, ndim) + Cost(ELEMENT * numel, 1, root, 1)
 
@@ -155,7 +161,8 @@ def _b2a_bit(numel: int, ndim: int, parties: int) -> Cost:
 
 def ltz(numel: int, parties: int, *, ndim: int = 1, products: int = 0) -> Cost:
     """x < 0 (also sign, lt, gt, ge, le), as compat patch 12 computes it (compare.py): with
-    P > 2 parties, P - 2 carry-save steps on x's shape (an AND each) down to two operands; then
+    3 parties truncation.fold to two shares, with P > 3 P - 2 carry-save steps on x's shape (an
+    AND each) down to two operands; then
     the carry into the top bit on the flattened words, padded to a multiple of 64: an AND of all
     of them and one per level on 1/2, 1/4, ... 1/32 as many (bits packed); one bit back to
     arithmetic (a dealer bit pair on the flattened shape; the opening packed, a 64th of a word
@@ -163,8 +170,11 @@ def ltz(numel: int, parties: int, *, ndim: int = 1, products: int = 0) -> Cost:
     element and 7 rounds each: 8 rounds with 2 parties, 15 with 3.) `products`: the dealer's bit
     comes with that many pairs for products by the bit (compare.negative), in one answer."""
     cost = Cost()
-    for _ in range(parties - 2):
-        cost += _and(numel, ndim, parties)
+    if parties == truncation.PARTIES:
+        cost += _fold(numel)
+    else:
+        for _ in range(parties - 2):
+            cost += _and(numel, ndim, parties)
     words = -(-numel // compare.BITS) * compare.BITS
     cost += _and(words, 1, parties)
     for level in range(compare.LEVELS):

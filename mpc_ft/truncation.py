@@ -19,14 +19,20 @@ parties do. Steps, for shares x0, x1, x2 of x:
 
 What each party learns: party 1 receives x2 - s, which to it is uniform and independent of x,
 since s comes from a seed only parties 0 and 2 hold; parties 0 and 2 receive nothing. That is
-the semi-honest, non-colluding model of the project (any two of three parties together can open
-every value anyway).
+secure for semi-honest parties that do not collude, the project's threat model. It gives up
+something beyond it: afterwards parties 0 and 1 together hold x, where three additive shares
+needed all three parties to pool theirs. With three parties, colluding pairs are then no better
+kept out than with two (README, Threat model).
 
 Cost: one message of n elements from party 2 to party 1 (CrypTen's: 2n into party 0, a dealer
-pair for party 0 and four count_wraps), and party 0 never waits. Error: at most one unit, and a
-wild value with probability about |x| 2^-63 per element, as with two parties (CrypTen's
-protocol ignores the wrap of x + r: about |x| 2^-64). Other party counts keep CrypTen's
-protocol. The divisor may be any positive integer or integer tensor, as CrypTen's.
+pair for party 0 and four count_wraps), and party 0 never waits. Error: as with two parties,
+under two units and unbiased (tests/test_truncation.py), and a wild value with probability
+about |x| 2^-63 per element (CrypTen's protocol ignores the wrap of x + r: about |x| 2^-64).
+Other party counts keep CrypTen's protocol. The divisor may be any positive integer or integer
+tensor, as CrypTen's.
+
+Steps 1-3 alone (`fold`) also start compare.py's sign with three parties: its carry circuit
+then adds two shares, not three.
 """
 
 from __future__ import annotations
@@ -39,31 +45,36 @@ PARTIES = 3  # the party count this protocol serves; others keep CrypTen's
 SENDER, RECEIVER = 2, 1  # party 2 folds its share into party 1's
 
 
-def truncate(x: Any, divisor: Any, fallback: Any) -> Any:
-    """Divide the ArithmeticSharedTensor `x` in place by the public integer `divisor` (module
-    docstring); with a party count other than three, `fallback(x, divisor)` (CrypTen's)."""
+def fold(share: torch.Tensor) -> torch.Tensor:
+    """Steps 1-3 (module docstring): this party's share of the same value held by parties 0 and 1
+    alone (party 2's becomes 0), for exactly three parties. Also compare.negative's first step
+    with three parties: the sign of a two-share sum needs no carry-save step."""
     import crypten
     import crypten.communicator as comm
     from crypten.common.rng import generate_random_ring_element
 
     channel = comm.get()
-    share = x.share
-    if channel.get_world_size() != PARTIES or share.numel() == 0:
-        return fallback(x, divisor)
-    rank = channel.get_rank()
+    rank, device = channel.get_rank(), share.device
     if rank == 0:
-        pair = crypten.generators["prev"][share.device]  # shared with party 2
-        share = share + generate_random_ring_element(share.size(), generator=pair,
-                                                     device=share.device)  # fmt: skip
-    elif rank == SENDER:
-        pair = crypten.generators["next"][share.device]  # shared with party 0
-        mask = generate_random_ring_element(share.size(), generator=pair, device=share.device)
+        pair = crypten.generators["prev"][device]  # shared with party 2
+        return share + generate_random_ring_element(share.size(), generator=pair, device=device)
+    if rank == SENDER:
+        pair = crypten.generators["next"][device]  # shared with party 0
+        mask = generate_random_ring_element(share.size(), generator=pair, device=device)
         channel.send((share - mask).contiguous(), RECEIVER)
-        share = torch.zeros_like(share)
-    else:
-        received = torch.empty(share.size(), dtype=share.dtype, device=share.device)
-        share = share + channel.recv(received, SENDER)
-    x.share = share.div_(divisor, rounding_mode="trunc")
+        return torch.zeros_like(share)
+    received = torch.empty(share.size(), dtype=share.dtype, device=device)
+    return share + channel.recv(received, SENDER)
+
+
+def truncate(x: Any, divisor: Any, fallback: Any) -> Any:
+    """Divide the ArithmeticSharedTensor `x` in place by the public integer `divisor` (module
+    docstring); with a party count other than three, `fallback(x, divisor)` (CrypTen's)."""
+    import crypten.communicator as comm
+
+    if comm.get().get_world_size() != PARTIES or x.share.numel() == 0:
+        return fallback(x, divisor)
+    x.share = fold(x.share).div_(divisor, rounding_mode="trunc")
     return x
 
 

@@ -60,8 +60,12 @@ def test_ltz_two_parties():
     # then the bits back to arithmetic (packed in one word, 2 counted): (256 + 504 + 2) * 8 B in
     # 8 rounds
     assert (cm.ltz(10, 2).bytes, cm.ltz(10, 2).rounds) == (6096, 8)
-    # 3 parties: first one carry-save AND of the 10 words, every opening sent to two peers
-    assert (cm.ltz(10, 3).bytes, cm.ltz(10, 3).rounds) == (2 * (6096 + 320), 9)
+    # 3 parties: first party 2's share folded into party 1's (truncation.fold: 10 elements, one
+    # round; party 0 none), every opening sent to two peers
+    assert (cm.ltz(10, 3).bytes, cm.ltz(10, 3).rounds) == (2 * 6096 + 80, 9)
+    assert cm.ltz(10, 3).rounds0 == cm.ltz(10, 2).rounds0
+    # 4 parties: two carry-save ANDs of the 10 words
+    assert (cm.ltz(10, 4).bytes, cm.ltz(10, 4).rounds) == (3 * (6096 + 2 * 320), 10)
 
 
 def test_cost_arithmetic():

@@ -1,6 +1,6 @@
-"""Three-party truncation (truncation.py, compat patch 16): right to two units and unbiased, party 2's share
-reaches party 1 only under a mask it cannot remove, party 0 neither sends nor waits, the shared
-generators stay in step, and other party counts keep CrypTen's protocol."""
+"""Three-party truncation (truncation.py, compat patch 16): right to two units and unbiased,
+party 2's share reaches party 1 only under a mask it cannot remove, party 0 neither sends nor
+waits, the shared generators stay in step, and other party counts keep CrypTen's protocol."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def three():
 
 def test_values_are_right_to_two_units_and_unbiased(three):
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(N, generator=g) * 40
+    torch.randn(N, generator=g)  # x: its encoding comes from the shares below
     y = torch.randn(N, generator=g)
     scaled, twice, product, divided, late = three[0]["values"]
     scaled_raw, product_raw, x_raw, y_raw = (sum(r["raw"][i] for r in three) for i in range(4))
@@ -81,9 +81,11 @@ def test_values_are_right_to_two_units_and_unbiased(three):
         assert abs(error.mean().item()) < 0.1
     # the decoded values, against the inputs and the constant as encoded (0.37: 24248 / 2^16)
     xe, ye, ce = x_raw.double() / SCALE, y_raw.double() / SCALE, 24248 / SCALE
-    for got, want in [(scaled, xe * ce), (twice, xe * ce / 2), (product, xe * ye), (divided, xe / 3)]:
+    pairs = [(scaled, xe * ce), (twice, xe * ce / 2), (product, xe * ye), (divided, xe / 3)]
+    for got, want in pairs:
         assert (got.double() - want).abs().max() < 4 / SCALE
-    assert torch.equal(late, _raw(y).float() / SCALE)  # the generators of parties 0 and 2 stayed in step
+    # a sharing drawn after them decodes: the generators of parties 0 and 2 stayed in step
+    assert torch.equal(late, _raw(y).float() / SCALE)
 
 
 def test_party_2_folds_its_share_into_party_1s_under_a_mask(three):

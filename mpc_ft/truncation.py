@@ -11,7 +11,8 @@ a gather of x + r at party 0 and count_wraps there. That was about half of a 3-p
 With exactly three parties `truncate` turns the three shares into two, then divides as two
 parties do. Steps, for shares x0, x1, x2 of x:
 1. Parties 0 and 2 draw the same uniform s from the generator they already share (CrypTen's
-   pairwise seeds: party 0's "prev" is party 2's "next"); nobody else can compute s.
+   pairwise seeds: party 0's "prev" is party 2's "next"); nobody else can compute s. It does
+   not depend on data, so with triples ahead both draw a step's masks in its offline phase.
 2. Party 2 sends x2 - s to party 1, and its own share becomes 0.
 3. Party 0's share becomes x0 + s; party 1's becomes x1 + (x2 - s). They still sum to x, and
    party 0's share is uniform, as one share of a 2-party sharing is.
@@ -43,6 +44,21 @@ import torch
 
 PARTIES = 3  # the party count this protocol serves; others keep CrypTen's
 SENDER, RECEIVER = 2, 1  # party 2 folds its share into party 1's
+PROVIDER_METHOD = "mpcft_fold_mask"  # step 1's mask, drawn ahead with a step's triples
+
+
+def fold_mask(provider: Any, size: torch.Size, device: Any = None) -> torch.Tensor:
+    """Step 1's s for party 0 or 2, from the generator the two share (a method of every CrypTen
+    tuple provider, traceable: offline.TripleCache draws a step's masks before it, with its
+    triples, at both parties in the same order)."""
+    import crypten
+    import crypten.communicator as comm
+    from crypten.common.rng import generate_random_ring_element
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    pair = "prev" if comm.get().get_rank() == 0 else "next"  # party 0's prev is party 2's next
+    return generate_random_ring_element(size, generator=crypten.generators[pair][device],
+                                        device=device)  # fmt: skip
 
 
 def fold(share: torch.Tensor) -> torch.Tensor:
@@ -51,20 +67,18 @@ def fold(share: torch.Tensor) -> torch.Tensor:
     with three parties: the sign of a two-share sum needs no carry-save step."""
     import crypten
     import crypten.communicator as comm
-    from crypten.common.rng import generate_random_ring_element
 
     channel = comm.get()
-    rank, device = channel.get_rank(), share.device
+    rank = channel.get_rank()
+    if rank == RECEIVER:
+        received = torch.empty(share.size(), dtype=share.dtype, device=share.device)
+        return share + channel.recv(received, SENDER)
+    provider = crypten.mpc.get_default_provider()
+    mask = getattr(provider, PROVIDER_METHOD)(share.size(), device=share.device)
     if rank == 0:
-        pair = crypten.generators["prev"][device]  # shared with party 2
-        return share + generate_random_ring_element(share.size(), generator=pair, device=device)
-    if rank == SENDER:
-        pair = crypten.generators["next"][device]  # shared with party 0
-        mask = generate_random_ring_element(share.size(), generator=pair, device=device)
-        channel.send((share - mask).contiguous(), RECEIVER)
-        return torch.zeros_like(share)
-    received = torch.empty(share.size(), dtype=share.dtype, device=device)
-    return share + channel.recv(received, SENDER)
+        return share + mask
+    channel.send((share - mask).contiguous(), RECEIVER)
+    return torch.zeros_like(share)
 
 
 def truncate(x: Any, divisor: Any, fallback: Any) -> Any:
@@ -80,9 +94,14 @@ def truncate(x: Any, divisor: Any, fallback: Any) -> Any:
 
 def install() -> None:
     """Patch 16: CrypTen's beaver.truncate (used by ArithmeticSharedTensor.div_ with 3+
-    parties) by `truncate`, which keeps CrypTen's for other party counts."""
+    parties) by `truncate`, which keeps CrypTen's for other party counts; every tuple provider
+    gains `fold_mask`, traceable."""
     from crypten.mpc.primitives import beaver
+    from crypten.mpc.provider.provider import TupleProvider
 
+    if PROVIDER_METHOD not in TupleProvider.TRACEABLE_FUNCTIONS:
+        TupleProvider.TRACEABLE_FUNCTIONS.append(PROVIDER_METHOD)
+        setattr(TupleProvider, PROVIDER_METHOD, fold_mask)
     original = beaver.truncate
     if getattr(original, "_mpcft_truncate", False):
         return

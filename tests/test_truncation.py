@@ -130,3 +130,32 @@ def test_other_party_counts_keep_crypten_protocol():
         assert (value - x * (24248 / SCALE)).abs().max() < 8 / SCALE
     # CrypTen's wrap count: party 0 fetches a dealer pair (3 calls) and gathers (1)
     assert results[0][1] == 4 and results[1][1] == 1
+
+
+def _ahead_party(rank):
+    import crypten
+
+    from mpc_ft.offline import TripleCache
+    from mpc_ft.ops import MpcOps
+
+    MpcOps(crypten)
+    cache = TripleCache(crypten)
+    x = torch.linspace(-50, 50, 64)
+    values = []
+    for _ in range(3):  # record, then two steps whose masks are drawn in the offline phase
+        sx = crypten.cryptensor(x, src=0)
+        with cache.step():
+            values.append(((sx * 0.37) * 0.5 < 3).get_plain_text())
+    return values, [name for name, *_ in cache.requests]
+
+
+def test_masks_drawn_ahead_with_the_triples_stay_in_step():
+    results = run_multiparty(_ahead_party, parties=3)
+    want = (torch.linspace(-50, 50, 64) * 0.185 < 3).float()
+    for values, _ in results:
+        assert all(torch.equal(v, want) for v in values)
+    # parties 0 and 2 traced their masks (two truncations and the comparison's fold); party 1
+    # draws none
+    assert results[0][1].count(truncation.PROVIDER_METHOD) == 3
+    assert results[2][1].count(truncation.PROVIDER_METHOD) == 3
+    assert truncation.PROVIDER_METHOD not in results[1][1]

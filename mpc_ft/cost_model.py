@@ -315,17 +315,32 @@ def tanh(numel: int, parties: int, *, ndim: int = 1) -> Cost:
 # --- mpc_ft/ops.py's own primitives ---------------------------------------------------------------
 
 
-def reciprocal_steps(lo: float, hi: float, tol: float = 1e-5) -> int:
-    """Newton steps of ops.reciprocal_in_range over [lo, hi] to reach relative error `tol`: the
-    error starts within +-r = (hi - lo) / (hi + lo) and squares at every step (ops uses this)."""
-    r = (hi - lo) / (hi + lo)
-    return max(1, math.ceil(math.log2(math.log(tol) / math.log(r)))) if r > 0 else 1
+RECIPROCAL_TOL = 2.0**-16  # one unit of the default 16-bit fixed point
 
 
-def reciprocal_in_range(numel: int, parties: int, lo: float, hi: float, *, tol: float = 1e-5,
-                        ndim: int = 1) -> Cost:  # fmt: skip
-    """ops.reciprocal_in_range: the first Newton step from the public start is a public
-    multiply, each further one 2 products (x * y, then y * (2 - x y))."""
+def reciprocal_start(lo: float, hi: float) -> tuple[float, float, float]:
+    """(alpha, beta, e0): the line y0 = alpha - beta x closest to 1/x over [lo, hi] in relative
+    error, and that error. For k = hi / lo, 1 - x y0 equioscillates at lo, hi and (lo + hi) / 2:
+    beta lo^2 = 8 / (k^2 + 6k + 1), alpha lo = beta lo^2 (k + 1), e0 = (k - 1)^2 / (k^2 + 6k + 1)
+    (Newton's first step from the best constant 2 / (lo + hi), also a line: (k-1)^2 / (k+1)^2)."""
+    k = hi / lo
+    scaled = 8.0 / (k * k + 6 * k + 1)
+    return scaled * (k + 1) / lo, scaled / (lo * lo), (k - 1) ** 2 / (k * k + 6 * k + 1)
+
+
+def reciprocal_steps(lo: float, hi: float, tol: float = RECIPROCAL_TOL) -> int:
+    """Steps of ops.reciprocal_in_range over [lo, hi] to reach relative error `tol`: the
+    start (a public line, `reciprocal_start`), then Newton steps, each squaring the error."""
+    e0 = reciprocal_start(lo, hi)[2]
+    if e0 <= tol:
+        return 1
+    return 1 + max(0, math.ceil(math.log2(math.log(tol) / math.log(e0))))
+
+
+def reciprocal_in_range(numel: int, parties: int, lo: float, hi: float, *,
+                        tol: float = RECIPROCAL_TOL, ndim: int = 1) -> Cost:  # fmt: skip
+    """ops.reciprocal_in_range: the start, a public line in x, is a public multiply; each
+    Newton step 2 products (x * y, then y * (2 - x y))."""
     steps = reciprocal_steps(lo, hi, tol)
     return public_mul(numel, parties, ndim=ndim) + (steps - 1) * 2 * mul(numel, parties, ndim=ndim)
 

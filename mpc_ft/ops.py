@@ -29,7 +29,12 @@ from typing import Any
 import torch
 
 from mpc_ft import compare
-from mpc_ft.cost_model import log_refinement, reciprocal_steps
+from mpc_ft.cost_model import (
+    RECIPROCAL_TOL,
+    log_refinement,
+    reciprocal_start,
+    reciprocal_steps,
+)
 
 GELU_K = math.sqrt(2.0 / math.pi)
 # MpcOps.gelu: relu(x) - g(|x|) with g(t) = t sigmoid(-2k(t + 0.044715 t^3)) (the tanh form's
@@ -331,19 +336,47 @@ def units(p: Any, k: int) -> Any:
 # --- CrypTen autograd functions (classes built lazily: importing ops must not import crypten) ---
 
 
-def reciprocal_in_range(x: Any, lo: float, hi: float, tol: float = 1e-5) -> Any:
+def reciprocal_in_range(x: Any, lo: float, hi: float, tol: float = RECIPROCAL_TOL) -> Any:
     """1/x for x known to lie in [lo, hi] (public bounds, 0 < lo < hi).
 
-    Newton-Raphson y <- y (2 - x y) from the best constant start 2 / (lo + hi): the relative
-    error 1 - x y starts within +-(hi - lo) / (hi + lo) and squares at every step. The first
-    step from a public start is local (y1 = 2 y0 - y0^2 x); each further one is 2 products.
-    CrypTen's reciprocal spends an exp on its start and 10 steps to cover any range."""
+    Start from the line closest to 1/x over [lo, hi] (cost_model.reciprocal_start: relative
+    error within (k - 1)^2 / (k^2 + 6k + 1), k = hi / lo; a public multiply, local with 2
+    parties), then Newton-Raphson y <- y (2 - x y), 2 products per step, each squaring the
+    error, until it is below `tol` (by default one unit of the 16-bit fixed point). The line
+    is evaluated as beta (c - x) with beta carried precisely (`times_small`); at hi it is
+    (1 - e0) / hi, which must be a few units of the fixed point: ranges wider than about
+    hi / lo = 360 at 16 bits (the masked softmax's [1, T] with T above 360) raise ValueError
+    (Newton from a start of one unit or zero would not converge; the start of the last
+    revision, 2 / (lo + hi), failed silently from hi / lo = 512). CrypTen's reciprocal spends
+    an exp on its start and 10 steps to cover any range."""
     steps = reciprocal_steps(lo, hi, tol)
-    y0 = 2.0 / (lo + hi)
-    y = x * (-y0 * y0) + 2 * y0
+    alpha, beta, _ = reciprocal_start(lo, hi)
+    if hasattr(x, "encoder") and beta * lo < 4 * 2.0**-x.encoder._precision_bits:
+        raise ValueError(  # Newton from a start of a few units would not converge
+            f"reciprocal over [{lo}, {hi}]: its start at {hi} ({beta * lo:.1e}) is below 4 units "
+            f"of {x.encoder._precision_bits}-bit fixed point; the range is too wide (hi/lo "
+            f"above ~{math.isqrt(2 ** (x.encoder._precision_bits + 1))})"
+        )
+    y = times_small(alpha / beta - x, beta)  # beta (c - x): no coarse alpha, exact c - x >= lo
     for _ in range(steps - 1):
         y = y * (2 - x * y)
     return y
+
+
+def times_small(x: Any, c: float) -> Any:
+    """x * c for a public c that x's fixed point would encode coarsely (|c| << 1): CrypTen
+    encodes c at x's bits, so c = 1.2e-4 (the reciprocal's start over [1, 256]) would be 2.5%
+    off, and the start's error would pass 1 (Newton then diverges). Here c is carried as the
+    integer C = round(c 2^k), 2^14 <= |C| < 2^15 (a product by an int: no truncation), and the
+    result divided by 2^k: the one truncation of any public multiply, on a raw value below
+    2^15 |x| 2^bits. Plain torch tensors: x * c."""
+    if not hasattr(x, "encoder"):
+        return x * c
+    bits = x.encoder._precision_bits
+    k = max(bits, 14 - math.floor(math.log2(abs(c)))) if c else bits
+    if k == bits:
+        return x * c
+    return (x * round(c * 2**k)).div(2**k)
 
 
 def log_in_range(x: Any, lo: float, hi: float, tol: float = 1e-5) -> Any:

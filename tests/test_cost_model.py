@@ -102,12 +102,37 @@ def test_reciprocal_steps_is_the_formula_of_ops(lo, hi):
 
 
 def test_reciprocal_in_range_by_hand():
-    # [1, 32]: |1 - x y0| <= 31/33 and squares each step: 0.94^(2^8) < 1e-5 needs 8 steps
-    assert (cm.reciprocal_steps(1, 2), cm.reciprocal_steps(1, 32)) == (4, 8)
-    # 2 parties: the public first step is free, then 2 products (1 round each) per step
-    assert cm.reciprocal_in_range(10, 2, 1, 2) == 6 * cm.mul(10, 2)
-    # 3 parties: + a gather per truncation (party 0: + a dealer call per product too)
-    assert cm.reciprocal_in_range(10, 3, 1, 32).rounds == 1 + 14 * 2
+    # [1, 2]: the best line's error is 1/17 and squares each step: (1/17)^4 = 1.2e-5 < 2^-16
+    # after 2 Newton steps; [1, 32]: 961/1217 = 0.79, 0.79^64 < 2^-16 after 6
+    assert (cm.reciprocal_steps(1, 2), cm.reciprocal_steps(1, 32)) == (3, 7)
+    assert cm.reciprocal_start(1, 2)[2] == pytest.approx(1 / 17)
+    # 2 parties: the public start is free, then 2 products (1 round each) per step
+    assert cm.reciprocal_in_range(10, 2, 1, 2) == 4 * cm.mul(10, 2)
+    # 3 parties: + a round per truncation (party 0: + a dealer call per product too)
+    assert cm.reciprocal_in_range(10, 3, 1, 32).rounds == 1 + 12 * 2
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(1, 2), (1, 3), (1, 32), (1, 256), (1 / 32, 32)])
+def test_reciprocal_in_range_reaches_its_tolerance(lo, hi):
+    # the start line and the step count, in float64: the whole range within the tolerance, and
+    # the line is the best one (its error equioscillates: +e0 at both ends, -e0 in the middle)
+    from mpc_ft.ops import reciprocal_in_range
+
+    x = torch.linspace(lo, hi, 100_001, dtype=torch.float64)
+    assert (1 - x * reciprocal_in_range(x, lo, hi)).abs().max() <= cm.RECIPROCAL_TOL
+    alpha, beta, e0 = cm.reciprocal_start(lo, hi)
+    error = 1 - x * (alpha - beta * x)
+    assert error.max() == pytest.approx(e0) and error.min() == pytest.approx(-e0, rel=1e-3)
+
+
+def test_reciprocal_in_range_refuses_a_range_its_start_cannot_resolve():
+    from types import SimpleNamespace
+
+    from mpc_ft.ops import reciprocal_in_range
+
+    shared = SimpleNamespace(encoder=SimpleNamespace(_precision_bits=16))
+    with pytest.raises(ValueError, match="too wide"):
+        reciprocal_in_range(shared, 1.0, 512.0)
 
 
 def test_row_max_by_hand():

@@ -316,6 +316,24 @@ def _validate(job: JobConfig) -> None:
     _check_dp(job)
     if not 8 <= job.mpc.precision_bits <= 24:
         raise BadInput(f"{where}: mpc.precision_bits must be in [8, 24]")
+    _check_reciprocals(job)
+
+
+def _check_reciprocals(job: JobConfig) -> None:
+    """The ranged reciprocals the job will need (ops.reciprocal_in_range) must resolve at its
+    precision: 1 / row sum over [1, labels] (the cross-entropy) and, with softmax attention,
+    over [1, max_tokens]."""
+    from mpc_ft.cost_model import reciprocal_resolves
+
+    bits, where = job.mpc.precision_bits, f"job {job.name!r}"
+    ranges = [("the number of labels", len(job.labels))]
+    if job.head.attention == "softmax":
+        ranges.append(("backbone.max_tokens with softmax attention", job.backbone.max_tokens))
+    for what, hi in ranges:
+        if hi > 1 and not reciprocal_resolves(1.0, float(hi), bits):
+            raise BadInput(f"{where}: {what} = {hi} is too many for a reciprocal over [1, {hi}] "
+                           f"at mpc.precision_bits = {bits} (its Newton start would round to a "
+                           "few units); use fewer, or more fractional bits")  # fmt: skip
 
 
 def _check_federated(job: JobConfig) -> None:

@@ -328,6 +328,14 @@ def reciprocal_start(lo: float, hi: float) -> tuple[float, float, float]:
     return scaled * (k + 1) / lo, scaled / (lo * lo), (k - 1) ** 2 / (k * k + 6 * k + 1)
 
 
+def reciprocal_resolves(lo: float, hi: float, bits: int) -> bool:
+    """Whether the start line's value at hi, (1 - e0) / hi = beta lo, is at least 4 units of
+    `bits`-bit fixed point (Newton from a start of a unit or zero does not converge): at 16
+    bits, hi / lo up to about 360."""
+    alpha, beta, _ = reciprocal_start(lo, hi)
+    return beta * lo >= 4 * 2.0**-bits
+
+
 def reciprocal_steps(lo: float, hi: float, tol: float = RECIPROCAL_TOL) -> int:
     """Steps of ops.reciprocal_in_range over [lo, hi] to reach relative error `tol`: the
     start (a public line, `reciprocal_start`), then Newton steps, each squaring the error."""

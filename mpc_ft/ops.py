@@ -32,6 +32,7 @@ from mpc_ft import compare
 from mpc_ft.cost_model import (
     RECIPROCAL_TOL,
     log_refinement,
+    reciprocal_resolves,
     reciprocal_start,
     reciprocal_steps,
 )
@@ -351,8 +352,8 @@ def reciprocal_in_range(x: Any, lo: float, hi: float, tol: float = RECIPROCAL_TO
     an exp on its start and 10 steps to cover any range."""
     steps = reciprocal_steps(lo, hi, tol)
     alpha, beta, _ = reciprocal_start(lo, hi)
-    if hasattr(x, "encoder") and beta * lo < 4 * 2.0**-x.encoder._precision_bits:
-        raise ValueError(  # Newton from a start of a few units would not converge
+    if hasattr(x, "encoder") and not reciprocal_resolves(lo, hi, x.encoder._precision_bits):
+        raise ValueError(  # Newton from a start of a unit or zero would not converge
             f"reciprocal over [{lo}, {hi}]: its start at {hi} ({beta * lo:.1e}) is below 4 units "
             f"of {x.encoder._precision_bits}-bit fixed point; the range is too wide (hi/lo "
             f"above ~{math.isqrt(2 ** (x.encoder._precision_bits + 1))})"

@@ -176,6 +176,10 @@ BAD_JOBS = {
     ),
     "zero epochs": (JOB + "\n[train]\nepochs = 0\n", "train.epochs"),
     "precision bits out of range": (JOB + "\n[mpc]\nprecision_bits = 40\n", "precision_bits"),
+    "softmax attention over more tokens than its reciprocal resolves": (
+        JOB + "\n[backbone]\nmax_tokens = 512\n",
+        "backbone.max_tokens",
+    ),
     "not TOML": ("name = reviews\n[[party\n", "TOML"),
     "not UTF-8": (b'name = "\xff\xfe"\n', "TOML"),
 }
@@ -354,3 +358,12 @@ def test_the_rendezvous_must_be_on_the_first_computing_partys_host(rendezvous, f
     else:
         with pytest.raises(BadInput, match="rendezvous"):
             job_from_dict(data)
+
+
+def test_long_sequences_need_native_attention_or_more_bits(tmp_path: Path) -> None:
+    # the softmax's reciprocal over [1, 512] does not resolve at 16 bits; the native head never
+    # divides by a secret token count, and 20 bits resolve it
+    native = '\n[head]\nattention = "quad"\nactivation = "quad"\nnorm = "center"\n'
+    assert load_job(_write(tmp_path, JOB + "\n[backbone]\nmax_tokens = 512\n" + native))
+    wider = JOB + "\n[backbone]\nmax_tokens = 512\n[mpc]\nprecision_bits = 20\n"
+    assert load_job(_write(tmp_path, wider, "wider.toml")).backbone.max_tokens == 512

@@ -63,9 +63,13 @@ def test_reference_step_with_triples_ahead(benchmark, parties, variant):
                               group="reference", config=config, parties=parties,
                               variant=f"{variant}, triples ahead")  # fmt: skip
         assert row["bytes_per_party"][1] > 0 or phase == "offline"
-    # online, party 0 no longer talks to the dealer: its rounds are the other parties'
+    # online, party 0 no longer talks to the dealer: its rounds are the other parties' (with 3
+    # parties fewer: it neither sends nor receives in a truncation's fold, truncation.py)
     rounds = result.rounds_per_party("step")
-    assert rounds[0] == rounds[1], rounds
+    if parties == 2:
+        assert rounds[0] == rounds[1], rounds
+    else:
+        assert rounds[0] < rounds[1] == rounds[2], rounds
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

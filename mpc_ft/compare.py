@@ -198,7 +198,9 @@ def bit_to_arithmetic(bits: Any, count: int = 0
     else:
         r_arithmetic, r_binary = provider.B2A_rng(bits.size())
         r_binary = r_binary.share
-    masked = pack((bits.share & 1) ^ r_binary)  # this party's share of z = bit ^ r, packed
+    # this party's share of z = bit ^ r, packed: bit 0 of each XOR share (TFP shares r, a bit,
+    # with random high bits that XOR to 0)
+    masked = pack((bits.share ^ r_binary) & 1)
     z = unpack(comm.get().all_reduce(masked, op=dist.ReduceOp.BXOR), bits.numel())
     return r_arithmetic * (1 - 2 * z) + z, z, r_arithmetic.share, pairs
 

@@ -99,6 +99,27 @@ def test_ltz_on_shares_matches_torch(parties):
         assert model.bytes == 8 * (4 * (128 + 252) + 2 * 2) < 8 * 54 * 105
 
 
+def _tfp_party(rank, values):
+    import crypten
+
+    from mpc_ft.ops import MpcOps
+
+    MpcOps(crypten)
+    x = crypten.cryptensor(values, src=0)
+    return (x < 0).get_plain_text(), (x * 0.5).get_plain_text()
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_ltz_and_truncation_under_tfp(parties):
+    # CrypTen's insecure TFP provider (a job must allow it) shares the B2A's random bit with
+    # random high bits: the packed opening takes bit 0 of each share (it read them all, and
+    # 2 and 3 parties got wrong signs); 3-party TFP products were ~1.0 off before the fold
+    values = torch.linspace(-5, 5, 41)
+    bit, half = run_multiparty(_tfp_party, parties=parties, provider="TFP", args=(values,))[0]
+    assert torch.equal(bit, (values < 0).float())
+    assert torch.allclose(half, values * 0.5, atol=1e-4)
+
+
 def _bit_pair_party(rank):
     """Open every share of a dealer bit pair: the relations must hold in the ring."""
     import crypten

@@ -347,9 +347,9 @@ def reciprocal_in_range(x: Any, lo: float, hi: float, tol: float = RECIPROCAL_TO
     is evaluated as beta (c - x) with beta carried precisely (`times_small`); at hi it is
     (1 - e0) / hi, which must be a few units of the fixed point: ranges wider than about
     hi / lo = 360 at 16 bits (the masked softmax's [1, T] with T above 360) raise ValueError
-    (Newton from a start of one unit or zero would not converge; the start of the last
-    revision, 2 / (lo + hi), failed silently from hi / lo = 512). CrypTen's reciprocal spends
-    an exp on its start and 10 steps to cover any range."""
+    (Newton from a start of one unit or zero would not converge; the previous start,
+    2 / (lo + hi), returned inf from hi / lo = 512 in a float model of the fixed point, without
+    an error). CrypTen's reciprocal spends an exp on its start and 10 steps to cover any range."""
     steps = reciprocal_steps(lo, hi, tol)
     alpha, beta, _ = reciprocal_start(lo, hi)
     if hasattr(x, "encoder") and not reciprocal_resolves(lo, hi, x.encoder._precision_bits):

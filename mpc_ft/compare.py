@@ -240,7 +240,7 @@ def negative(x: Any, count: int) -> tuple[Any, BitProducts]:
 
     share = x._tensor.share
     parties = comm.get().get_world_size()
-    if parties == truncation.PARTIES and share.numel():  # two shares: party 2's folded away
+    if truncation.applies(share):  # two shares: party 2's folded away
         share, parties = truncation.fold(share), 2
     parts = [BinarySharedTensor(share, src=i) for i in range(parties)]
     while len(parts) > 2:  # carry-save: a + b + c = (a ^ b ^ c) + 2 maj(a, b, c), one AND

@@ -332,7 +332,7 @@ def reciprocal_resolves(lo: float, hi: float, bits: int) -> bool:
     """Whether the start line's value at hi, (1 - e0) / hi = beta lo, is at least 4 units of
     `bits`-bit fixed point (Newton from a start of a unit or zero does not converge): at 16
     bits, hi / lo up to about 360."""
-    alpha, beta, _ = reciprocal_start(lo, hi)
+    _, beta, _ = reciprocal_start(lo, hi)
     return beta * lo >= 4 * 2.0**-bits
 
 

@@ -61,6 +61,14 @@ def fold_mask(provider: Any, size: torch.Size, device: Any = None) -> torch.Tens
                                         device=device)  # fmt: skip
 
 
+def applies(share: torch.Tensor) -> bool:
+    """Whether `fold` (and so `truncate`'s protocol) serves this share: exactly three parties
+    and something to send."""
+    import crypten.communicator as comm
+
+    return comm.get().get_world_size() == PARTIES and share.numel() > 0
+
+
 def fold(share: torch.Tensor) -> torch.Tensor:
     """Steps 1-3 (module docstring): this party's share of the same value held by parties 0 and 1
     alone (party 2's becomes 0), for exactly three parties. Also compare.negative's first step
@@ -84,9 +92,7 @@ def fold(share: torch.Tensor) -> torch.Tensor:
 def truncate(x: Any, divisor: Any, fallback: Any) -> Any:
     """Divide the ArithmeticSharedTensor `x` in place by the public integer `divisor` (module
     docstring); with a party count other than three, `fallback(x, divisor)` (CrypTen's)."""
-    import crypten.communicator as comm
-
-    if comm.get().get_world_size() != PARTIES or x.share.numel() == 0:
+    if not applies(x.share):
         return fallback(x, divisor)
     x.share = fold(x.share).div_(divisor, rounding_mode="trunc")
     return x

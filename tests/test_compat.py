@@ -209,15 +209,48 @@ def _protocol_patches_party(rank):
     )
     # CrypTen's intended empty shell is a plain tensor (unpatched: a shared tensor of nothing)
     out["shell"] = (type(shell._tensor) is torch.Tensor, shell._tensor.numel(), shell.requires_grad)
-    # patch 13: attribute reads skip CrypTen's validation wrapper
-    out["unwrapped"] = not hasattr(CrypTensor.__dict__["__getattribute__"], "__wrapped__")
+    # patch 13: attribute reads skip CrypTen's validation wrapper and decide as CrypTen's does
+    fast = CrypTensor.__dict__["__getattribute__"]
+    out["unwrapped"] = not hasattr(fast, "__wrapped__")
+    out["reads"] = _reads_agree(fast, fast.original, x)
+    # patch 18: values just above a negative integer open right (CrypTen's decode: 1.0 low)
+    values = torch.tensor([-14.999862670898438, -2.0, -1.5, -0.25, 0.0, 3.75, -99.99])
+    out["decoded"] = crypten.cryptensor(values, src=0).get_plain_text()
     return out
+
+
+READ_NAMES = ["share", "_tensor", "size", "encoder", "requires_grad", "grad_fn", "add", "__add__",
+              "__radd__", "mul", "__mul__", "matmul", "square", "neg", "sum", "mpcft_gelu",
+              "get_plain_text", "add_", "copy_", "no_such_attribute"]  # fmt: skip
+
+
+def _reads_agree(fast, original, x) -> list[str]:
+    """The names whose reads differ between `fast` and `original`: the same value, or functions
+    of the same name, or the same exception type, with and without autograd and gradients."""
+    import crypten
+
+    def read(get, t, name):
+        try:
+            value = get(t, name)
+        except Exception as e:  # noqa: BLE001
+            return ("raises", type(e).__name__)
+        return ("function", value.__name__) if callable(value) else ("value", repr(value))
+
+    differ = []
+    leaf = x.clone()
+    leaf.requires_grad = True
+    for t in (x, leaf):
+        for grad in (True, False):
+            with crypten.enable_grad() if grad else crypten.no_grad():
+                differ += [f"{name} grad={grad} leaf={t is leaf}" for name in READ_NAMES
+                           if read(fast, t, name) != read(original, t, name)]  # fmt: skip
+    return differ
 
 
 @pytest.mark.parametrize("parties", [2, 3])
 def test_openings_products_shells_and_attribute_reads(parties):
-    """Patches 8, 9, 11, 13 and 14 (12 and 10: tests/test_compare.py, tests/test_products.py;
-    16: tests/test_truncation.py)."""
+    """Patches 8, 9, 11, 13, 14 and 18 (12 and 10: tests/test_compare.py,
+    tests/test_products.py; 16 and 17: tests/test_truncation.py)."""
     from mpc_ft.multiparty import run_multiparty
 
     for out in run_multiparty(_protocol_patches_party, parties=parties):
@@ -239,4 +272,6 @@ def test_openings_products_shells_and_attribute_reads(parties):
         assert torch.allclose(out["mul"], x * y, atol=1e-3)
         assert torch.allclose(out["matmul"], x @ y, atol=1e-3)
         assert not out["shell_draws"] and out["shell"] == (True, 0, False)
-        assert out["unwrapped"]
+        assert out["unwrapped"] and out["reads"] == []
+        decoded = torch.tensor([-14.999862670898438, -2.0, -1.5, -0.25, 0.0, 3.75, -99.99])
+        assert (out["decoded"] - decoded).abs().max() < 2e-5

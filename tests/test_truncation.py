@@ -1,6 +1,8 @@
-"""Three-party truncation (truncation.py, compat patch 16): right to two units and unbiased,
+"""Truncation (truncation.py). Three parties (compat patch 16): right to one unit and unbiased,
 party 2's share reaches party 1 only under a mask it cannot remove, party 0 neither sends nor
-waits, the shared generators stay in step, and other party counts keep CrypTen's protocol."""
+waits, the shared generators stay in step, and other party counts keep CrypTen's protocol.
+Local division by shifts (patch 17): stochastic rounding, one unit at most, unbiased; other
+divisors round toward zero as CrypTen's."""
 
 from __future__ import annotations
 
@@ -74,10 +76,9 @@ def test_values_are_right_to_two_units_and_unbiased(three):
     exact = [(x_raw * _raw(torch.tensor(0.37))).double() / SCALE,
              (x_raw * y_raw).double() / SCALE]  # fmt: skip
     for got, want in zip(raw, exact, strict=True):
-        # each share divided rounding toward zero (CrypTen's 2-party rule): at most 2 units off,
-        # (both shares negative: two ceilings), and unbiased
+        # two shares shifted, 1 added at party 0: X rounded stochastically, unbiased
         error = got.double() - want
-        assert error.abs().max() < 2
+        assert error.abs().max() <= 1
         assert abs(error.mean().item()) < 0.1
     # the decoded values, against the inputs and the constant as encoded (0.37: 24248 / 2^16)
     xe, ye, ce = x_raw.double() / SCALE, y_raw.double() / SCALE, 24248 / SCALE
@@ -159,3 +160,41 @@ def test_masks_drawn_ahead_with_the_triples_stay_in_step():
     assert results[0][1].count(truncation.PROVIDER_METHOD) == 3
     assert results[2][1].count(truncation.PROVIDER_METHOD) == 3
     assert truncation.PROVIDER_METHOD not in results[1][1]
+
+
+def _two_parties(rank):
+    import crypten
+
+    from mpc_ft.ops import MpcOps
+
+    MpcOps(crypten)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(N, generator=g) * 40
+    sx = crypten.cryptensor(x, src=0)
+    share = sx._tensor.share.clone()
+    product = sx * sx  # truncated by 2^16: shifts
+    third = sx.div(3)  # not a power of two: CrypTen's division toward zero
+    return {
+        "x": share,
+        "product": product._tensor.share.clone(),
+        "third": third._tensor.share.clone(),
+        "divided": [truncation.divide(share, d) for d in (1, 2**16, 2.0**16, 3)],
+    }
+
+
+def test_two_parties_divide_by_shifts_rounding_stochastically():
+    parties = run_multiparty(_two_parties, parties=2)
+    x = sum(p["x"] for p in parties)
+    for rank, p in enumerate(parties):  # the local rule: floor, and 1 more at party 0 (k > 0)
+        one, scale, scale_float, three = p["divided"]
+        assert torch.equal(one, p["x"])
+        assert torch.equal(scale, (p["x"] >> 16) + (1 if rank == 0 else 0))
+        assert torch.equal(scale_float, scale)
+        assert torch.equal(three, p["x"].div(3, rounding_mode="trunc"))
+    # the opened product against the exact one: within one unit, unbiased
+    error = sum(p["product"] for p in parties).double() - (x.double() * x.double()) / SCALE
+    assert error.abs().max() <= 1
+    assert abs(error.mean().item()) < 0.05
+    # and divided by 3 toward zero per share: within two units of x / 3
+    third = sum(p["third"] for p in parties).double()
+    assert (third - x.double() / 3).abs().max() < 2

@@ -16,7 +16,7 @@ only a halving tree over the 63 lower bit positions:
    shifted by s, disjoint bits: XOR): the level's ANDs open n / 2^k words, not 2n.
 3. After the sixth level each word holds 64 carries; element i sits in word i mod W at
    position bitreverse(i div W) (the merges' order). The sign bit is p_63 ^ carry.
-4. Bit to arithmetic (`bit_to_arithmetic`), CrypTen's B2A of one bit with its opening packed:
+4. Bit to arithmetic (`bit_to_arithmetic_steps`), CrypTen's B2A of one bit with its opening packed:
    the dealer's random bit r, shared both ways; z = bit ^ r opened as n / 64 words, not n
    (CrypTen opens a 64-bit word per bit); then bit = z + (1 - 2z) r_A, locally.
 5. Products by the bit (`negative(x, count)`, `BitProducts`): the dealer makes r together with
@@ -31,7 +31,9 @@ one AND of n words and one round each, where CrypTen sums them with full adders 
 and 7 rounds each). With exactly 3 parties no AND is needed: truncation.fold first moves party
 2's share, masked, to party 1 (one message, n elements), and two arithmetic shares remain.
 Everything but the ANDs and the B2A is local bit shifting and masking of each party's binary
-share. `count_wraps` (compat patch 15) serves CrypTen's truncation.
+share. The ANDs and the B2A are steps of rounds.run (`negative_steps`), so another protocol's
+openings can share their 8 exchanges (ops.py's two-class cross-entropy). `count_wraps` (compat
+patch 15) serves CrypTen's truncation.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 
 import torch
 
-from mpc_ft import truncation
+from mpc_ft import rounds, truncation
 
 BITS = 64
 LEVELS = 6  # log2(64)
@@ -65,20 +67,27 @@ def _bit_reverse(n: int, width: int = LEVELS) -> int:
 ORDER = torch.tensor([_bit_reverse(q) for q in range(BITS)])
 
 
-def _and(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Shares of x & y for binary shares x, y (CrypTen's AND: one dealer triple, one opening)."""
-    from crypten.mpc.primitives import BinarySharedTensor
+def _and_steps(x: torch.Tensor, y: torch.Tensor) -> rounds.Steps:
+    """Shares of x & y for binary shares x, y of one shape, as CrypTen's beaver.AND: a dealer
+    triple (a, b, c = a & b), one opening of x ^ a and y ^ b, then
+    c ^ (e & b) ^ (a & d) ^ (e & d), the last at party 0."""
+    import crypten
+    import crypten.communicator as comm
 
-    return (BinarySharedTensor.from_shares(x) & BinarySharedTensor.from_shares(y)).share
+    provider = crypten.mpc.get_default_provider()
+    a, b, c = provider.generate_binary_triple(x.size(), y.size(), device=x.device)
+    e, d = yield [(x ^ a.share, True), (y ^ b.share, True)]
+    z = c.share ^ (e & b.share) ^ (a.share & d)
+    return z ^ (e & d) if comm.get().get_rank() == 0 else z
 
 
-def carry_sign(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def carry_sign_steps(a: torch.Tensor, b: torch.Tensor) -> rounds.Steps:
     """Binary shares of the top bit of a + b (mod 2^64), in bit 0, for binary shares a and b of
     the same shape: the module docstring's steps 1-3, flattened and padded to 64 elements."""
     n = a.numel()
     pad = -n % BITS
     a, b = (torch.nn.functional.pad(t.reshape(-1), (0, pad)) for t in (a, b))
-    g = _and(a, b)
+    g = yield from _and_steps(a, b)
     p = a ^ b
     top = (p >> (BITS - 1)) & 1
     G, P = g << 1, p << 1
@@ -86,7 +95,7 @@ def carry_sign(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     while s < BITS:
         mask = _lo_mask(s)
         g_hi, p_hi = (G >> s) & mask, (P >> s) & mask
-        z = _and(p_hi ^ (p_hi << s), (G & mask) ^ ((P & mask) << s))
+        z = yield from _and_steps(p_hi ^ (p_hi << s), (G & mask) ^ ((P & mask) << s))
         G = g_hi ^ (z & mask)
         P = (z >> s) & mask
         half = G.size(0) // 2
@@ -152,8 +161,8 @@ def bit_pair(provider: Any, size: torch.Size, count: int, device: Any = None
 
 
 class BitProducts:
-    """Step 5: y * bit for the bit of `bit_to_arithmetic(bits, count)`, up to `count` times, each
-    opening only e = y - a (CrypTen's product also opens bit - b). With the bit as
+    """Step 5: y * bit for the bit of `bit_to_arithmetic_steps(bits, count)`, up to `count`
+    times, each opening only e = y - a (CrypTen's product also opens bit - b). With the bit as
     z + (1 - 2z) r (z public, r the dealer's), y bit = z y + (1 - 2z) (e r + a r), all local
     but e. A y of x's shape (flattened as the bits are); the result has y's scale (the bit is an
     integer: no truncation). Without pairs (no dealer: TFP) it is CrypTen's y * bit."""
@@ -162,29 +171,31 @@ class BitProducts:
         self.bit, self.z, self.r, self.pairs = bit, z, r, pairs
 
     def times(self, y: Any) -> Any:
-        from mpc_ft import products
+        return rounds.run(self.times_steps([y]))[0][0]
 
+    def times_steps(self, ys: list) -> rounds.Steps:
+        """y * bit for each y, their openings in one exchange (a step of rounds.run)."""
         if not self.pairs:
-            return y * self.bit
-        a, a_r = self.pairs.pop(0)
-        share = y._tensor.share.reshape(-1)
-        (e,) = products.open_masked([share - a])
-        product = self.z * share + (1 - 2 * self.z) * (e * self.r + a_r)
-        result = y.shallow_copy()
-        result._tensor = y._tensor.shallow_copy()
-        result._tensor.share = product.reshape(y.size())
-        return result
+            return [y * self.bit for y in ys]
+        pairs = [self.pairs.pop(0) for _ in ys]
+        shares = [y._tensor.share.reshape(-1) for y in ys]
+        opened = yield [(share - a, False) for share, (a, _) in zip(shares, pairs, strict=True)]
+        results = []
+        for y, share, e, (_, a_r) in zip(ys, shares, opened, pairs, strict=True):
+            product = self.z * share + (1 - 2 * self.z) * (e * self.r + a_r)
+            result = y.shallow_copy()
+            result._tensor = y._tensor.shallow_copy()
+            result._tensor.share = product.reshape(y.size())
+            results.append(result)
+        return results
 
 
-def bit_to_arithmetic(bits: Any, count: int = 0
-                      ) -> tuple[Any, torch.Tensor, torch.Tensor, list]:  # fmt: skip
+def bit_to_arithmetic_steps(bits: Any, count: int = 0) -> rounds.Steps:
     """Step 4 for a flat BinarySharedTensor of 0/1 values: an ArithmeticSharedTensor of them
     (integers, as CrypTen's beaver.B2A_single_bit returns them), the opened z, this party's
     share of r and the pairs (a, a r) for `count` BitProducts (step 5; CrypTen's own B2A
     request, and no pairs, when count is 0 or there is no TTP dealer)."""
     import crypten
-    import crypten.communicator as comm
-    import torch.distributed as dist
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
     from mpc_ft import products
@@ -200,8 +211,8 @@ def bit_to_arithmetic(bits: Any, count: int = 0
         r_binary = r_binary.share
     # this party's share of z = bit ^ r, packed: bit 0 of each XOR share (TFP shares r, a bit,
     # with random high bits that XOR to 0)
-    masked = pack((bits.share ^ r_binary) & 1)
-    z = unpack(comm.get().all_reduce(masked, op=dist.ReduceOp.BXOR), bits.numel())
+    (words,) = yield [(pack((bits.share ^ r_binary) & 1), True)]
+    z = unpack(words, bits.numel())
     return r_arithmetic * (1 - 2 * z) + z, z, r_arithmetic.share, pairs
 
 
@@ -233,6 +244,12 @@ def relu(x: Any) -> Any:
 
 def negative(x: Any, count: int) -> tuple[Any, BitProducts]:
     """[x < 0] as `ltz` returns it, and its BitProducts for `count` products y * [x < 0]."""
+    return rounds.run(negative_steps(x, count))[0]
+
+
+def negative_steps(x: Any, count: int) -> rounds.Steps:
+    """`negative` as steps of rounds.run: its 8 openings (7 ANDs, the B2A) can share exchanges
+    with another protocol's."""
     import crypten.communicator as comm
     from crypten.encoder import FixedPointEncoder
     from crypten.mpc.primitives import BinarySharedTensor
@@ -246,8 +263,10 @@ def negative(x: Any, count: int) -> tuple[Any, BitProducts]:
     while len(parts) > 2:  # carry-save: a + b + c = (a ^ b ^ c) + 2 maj(a, b, c), one AND
         a, b, c, *rest = parts
         parts = [a ^ b ^ c, (((a ^ c) & (b ^ c)) ^ c) << 1, *rest]
-    bits = BinarySharedTensor.from_shares(carry_sign(parts[0].share, parts[1].share))
-    arithmetic, z, r, pairs = bit_to_arithmetic(bits, count)  # then as CrypTen's _B2A:
+    bits = BinarySharedTensor.from_shares(
+        (yield from carry_sign_steps(parts[0].share, parts[1].share))
+    )
+    arithmetic, z, r, pairs = yield from bit_to_arithmetic_steps(bits, count)  # as CrypTen's _B2A:
     arithmetic.encoder = FixedPointEncoder(precision_bits=0 if x.encoder.scale == 1 else None)
     arithmetic *= arithmetic.encoder._scale // x._tensor.encoder._scale
     result = x.shallow_copy()

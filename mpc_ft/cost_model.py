@@ -485,29 +485,62 @@ def masked_mean(b: int, t: int, d: int, parties: int, *, inv_count: bool = True)
     return cost if inv_count else inverse_count(b, t, parties) + cost
 
 
-def _softmax_rows(b: int, c: int, parties: int) -> Cost:
-    """Shared by both cross-entropies on logits [b, c]: row_max, ops.exp_nonpositive (CrypTen's
-    exp and one more truncation), the ranged reciprocal of the b row sums over [1, c] and e
-    times it (the probabilities)."""
+def merged(*protocols: tuple[Cost, int]) -> Cost:
+    """Protocols run side by side (rounds.run), each given as (its cost, its exchanges): the
+    bytes and the other calls (dealer requests, folds) add up; the exchanges, one round each
+    at every party, overlap: the most of them, not their sum."""
+    total = sum((cost for cost, _ in protocols), Cost())
+    saved = sum(n for _, n in protocols) - max(n for _, n in protocols)
+    return total + _all(0, -saved)
+
+
+COMPARE_EXCHANGES = compare.LEVELS + 2  # negative_steps: 7 ANDs and the B2A (carry-save: apart)
+
+
+def exp_nonpositive(numel: int, parties: int, *, ndim: int = 1) -> Cost:
+    """ops.exp_nonpositive: CrypTen's exp (a public division, EXP_ITERATIONS squarings) and one
+    more truncation back to the tensor's bits. Its exchanges: one per squaring."""
+    return exp(numel, parties, ndim=ndim) + public_mul(numel, parties, ndim=ndim)
+
+
+def _softmax_parts(b: int, c: int, parties: int) -> Cost:
+    """ops.softmax_parts on logits [b, c] with secret one-hot labels. General: row_max,
+    exp_nonpositive, the ranged reciprocal of the b row sums over [1, c], e times it (the
+    probabilities), onehot * logits. Two classes (ops.two_class_parts): the sign of l1 - l0
+    with 3 bit-product pairs, exp_nonpositive on [b, 2] and onehot * logits side by side
+    (`merged`), one exchange of 3 products by the bit, the reciprocal over [1, 2] and one
+    product of [b, 1]."""
     n = b * c
-    return (row_max(b, c, parties) + exp(n, parties, ndim=2) + public_mul(n, parties, ndim=2)
+    dot = mul(n, parties, ndim=2)
+    if c == 2:
+        together = merged(
+            (ltz(b, parties, ndim=2, products=3), COMPARE_EXCHANGES),
+            (exp_nonpositive(n, parties, ndim=2), EXP_ITERATIONS),
+            (dot, 1),
+        )
+        return (
+            together
+            + open_(3 * b, parties)
+            + reciprocal_in_range(b, parties, 1.0, 2.0, ndim=2)
+            + mul(b, parties, ndim=2)
+        )
+    return (row_max(b, c, parties) + exp_nonpositive(n, parties, ndim=2)
             + reciprocal_in_range(b, parties, 1.0, float(c), ndim=2)
-            + mul(n, parties, y_numel=b, ndim=2))  # fmt: skip
+            + mul(n, parties, y_numel=b, ndim=2) + dot)  # fmt: skip
 
 
 def cross_entropy(b: int, c: int, parties: int) -> Cost:
-    """mpcft_cross_entropy on logits [b, c], secret one-hot labels: the probabilities
-    (`_softmax_rows`), the ranged log of the b row sums over [1, c], onehot * logits, and the
-    batch mean (a public division of one element)."""
-    return (_softmax_rows(b, c, parties) + log_in_range(b, parties, 1.0, float(c), ndim=2)
-            + mul(b * c, parties, ndim=2) + public_mul(1, parties, ndim=0))  # fmt: skip
+    """mpcft_cross_entropy on logits [b, c], secret one-hot labels: `_softmax_parts`, the
+    ranged log of the b row sums over [1, c] and the batch mean (a public division of one
+    element)."""
+    return (_softmax_parts(b, c, parties) + log_in_range(b, parties, 1.0, float(c), ndim=2)
+            + public_mul(1, parties, ndim=0))  # fmt: skip
 
 
 def cross_entropy_backward(b: int, c: int, parties: int) -> Cost:
     """MpcOps.cross_entropy_backward on logits [b, c], secret one-hot labels, EXCLUDING the
     autograd backward that its `logits.backward(grad)` triggers (the tests measure it on logits
     that do not require grad, where that call does nothing; on a leaf, as in the component
-    benchmark, it only stores the gradient: no communication either): the probabilities
-    (`_softmax_rows`), onehot * logits and p - onehot (the summed loss's gradient: no
-    multiply). No log."""
-    return _softmax_rows(b, c, parties) + mul(b * c, parties, ndim=2)
+    benchmark, it only stores the gradient: no communication either): `_softmax_parts` and
+    p - onehot (the summed loss's gradient: no multiply). No log."""
+    return _softmax_parts(b, c, parties)

@@ -7,6 +7,8 @@ truncation (CrypTen's wrap count gathers the masked shares at party 0) makes one
 
 - Opening (`all_reduce` with SUM, or XOR for binary shares): each party sends its shares of all
   the tensors, in one message, to each other party, then receives theirs and adds (XORs) them.
+  `xor_from=k` (batched): the tensors from the k-th on are XORed, the others added: openings of
+  arithmetic and binary shares in one exchange (rounds.py).
   With 2 parties that is what a ring all_reduce sends (n elements each way) in one exchange
   instead of gloo's several steps. With P > 2 each party sends (P - 1) n elements instead of the
   ring's 2 (P - 1) / P n, for one exchange instead of 2 (P - 1) steps; CrypTen's counter logs
@@ -15,6 +17,8 @@ truncation (CrypTen's wrap count gathers the masked shares at party 0) makes one
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def open_by_exchange() -> None:
@@ -29,25 +33,24 @@ def open_by_exchange() -> None:
         return
     original = cls.all_reduce.__wrapped__  # under CrypTen's `_logging`, which counts the call
 
-    def all_reduce(self, input, op=dist.ReduceOp.SUM, batched=False):  # noqa: A002, ANN001, ANN202
+    def all_reduce(self, input, op=dist.ReduceOp.SUM, batched=False, xor_from=None):  # noqa: A002, ANN001, ANN202
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR):
             return original(self, input, op=op, batched=batched)
-        xor = op == dist.ReduceOp.BXOR
         tensors = [t.data for t in (input if batched else [input])]
         parts = [t.reshape(-1) for t in tensors]
         flat = torch.cat(parts) if len(parts) > 1 else parts[0]  # one message per peer
+        # elements [0, split) are added, [split, n) XORed
+        if xor_from is not None:
+            split = sum(t.numel() for t in tensors[:xor_from])
+        else:
+            split = 0 if op == dist.ReduceOp.BXOR else flat.numel()
         rank, size = self.get_rank(), self.get_world_size()
         peers = [p for p in range(size) if p != rank]
         sends = [dist.isend(flat, p, group=self.main_group) for p in peers]
         total, received = None, torch.empty_like(flat)
         for p in peers:
             dist.recv(received, p, group=self.main_group)
-            if total is None:  # a new tensor: `flat` may still be on its way
-                total = flat ^ received if xor else flat + received
-            elif xor:
-                total ^= received
-            else:
-                total += received  # int64: wraps modulo 2^64, as the shares do
+            total = _combine(flat if total is None else total, received, split, total is None)
         for request in sends:
             request.wait()
         sizes = [t.numel() for t in tensors]
@@ -59,6 +62,22 @@ def open_by_exchange() -> None:
 
     cls.all_reduce = _logging(all_reduce)
     cls._mpcft_exchange = True
+
+
+def _combine(acc: Any, received: Any, split: int, fresh: bool) -> Any:
+    """acc + received on elements [0, split) (int64: wraps modulo 2^64, as the shares do),
+    acc ^ received on the rest; in place unless `fresh` (acc is then this party's own message,
+    which may still be on its way to a peer)."""
+    import torch
+
+    if split == acc.numel():
+        return acc + received if fresh else acc.add_(received)
+    if split == 0:
+        return acc ^ received if fresh else acc.bitwise_xor_(received)
+    out = torch.empty_like(acc) if fresh else acc
+    torch.add(acc[:split], received[:split], out=out[:split])
+    torch.bitwise_xor(acc[split:], received[split:], out=out[split:])
+    return out
 
 
 def gather_by_messages() -> None:

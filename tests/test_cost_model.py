@@ -228,6 +228,7 @@ def _measure(rank: int, names: list[str]) -> dict[str, tuple[float, int]]:
     key_mask = crypten.cryptensor(mask.reshape(2, 1, 1, 3))
     inv_count = crypten.cryptensor(1.0 / mask.sum(1, keepdim=True))
     onehot = crypten.cryptensor(torch.eye(4)[[0, 2, 1]])
+    onehot2 = crypten.cryptensor(torch.eye(2)[[0, 1, 1]])
     cases = {  # name: (op, its shared inputs)
         "share": (lambda t: t, [enc((4, 5))]),  # sharing an input: PRZS, no communication
         "open": (lambda t: t.get_plain_text(), [x]),
@@ -265,6 +266,9 @@ def _measure(rank: int, names: list[str]) -> dict[str, tuple[float, int]]:
         "cross_entropy": (ops.cross_entropy, [enc((3, 4), -3, 3), onehot]),
         # on logits that do not require grad: the backward it starts does nothing
         "cross_entropy_backward": (ops.cross_entropy_backward, [enc((3, 4), -3, 3), onehot]),
+        # two classes: the sign and the exp side by side (ops.two_class_parts)
+        "cross_entropy_2": (ops.cross_entropy, [enc((3, 2), -3, 3), onehot2]),
+        "cross_entropy_backward_2": (ops.cross_entropy_backward, [enc((3, 2), -3, 3), onehot2]),
         # the head's shapes: more dimensions (party 0's dealer calls return longer sizes)
         "head_linear": (ops.linear, [enc((2, 3, 4)), enc((4, 5), seed=1), enc(5, seed=3)]),
         "head_matmul": (lambda t, u: t.matmul(u), [enc((2, 2, 3, 2)), enc((2, 2, 2, 3), seed=1)]),
@@ -326,6 +330,8 @@ def model(parties: int, precision_bits: int) -> dict[str, cm.Cost]:
         "masked_mean_count": cm.masked_mean(2, 3, 4, p, inv_count=False),
         "cross_entropy": cm.cross_entropy(3, 4, p),
         "cross_entropy_backward": cm.cross_entropy_backward(3, 4, p),
+        "cross_entropy_2": cm.cross_entropy(3, 2, p),
+        "cross_entropy_backward_2": cm.cross_entropy_backward(3, 2, p),
         "head_linear": cm.linear(6, 4, 5, p, ndim=3),
         "head_matmul": cm.matmul(3, 2, 3, p, batch=4, ndim=4),
         "head_softmax": cm.masked_softmax(12, 3, p, mask_rows=2, ndim=4),
@@ -346,9 +352,9 @@ SESSIONS = {
         "exp", "inv_sqrt", "max", "row_max", "reciprocal_in_range", "log_in_range",
         "log_in_range_halved", "layer_norm", "center",
         "quad_activation", "masked_softmax", "masked_mean", "masked_mean_count", "cross_entropy",
-        "cross_entropy_backward", "head_linear", "head_matmul", "head_softmax",
-        "head_quad_attention", "head_layer_norm", "head_center", "head_gelu",
-        "head_quad_activation"],
+        "cross_entropy_backward", "cross_entropy_2", "cross_entropy_backward_2", "head_linear",
+        "head_matmul", "head_softmax", "head_quad_attention", "head_layer_norm", "head_center",
+        "head_gelu", "head_quad_activation"],
 }  # fmt: skip
 
 

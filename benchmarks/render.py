@@ -90,6 +90,19 @@ def reference_section(rows: list[dict]) -> list[str]:
             "comparison with the `step` rows above:", ""]  # fmt: skip
     out += _table(["system", "s per step", "MiB per party", "rounds per party"],
                   [[n, f"{s:.2f}", f"{m}", f"~{r}"] for n, s, m, r in PEERS])  # fmt: skip
+    ratios = [r for r in rows if r["group"] == "party_ratio"]
+    if ratios:
+        out += [
+            "",
+            "The online step (triples ahead) with 3 parties against 2, measured "
+            "alternately in one run (2, 3, 2, 3, 2, 3 parties; 10 repeats each), so that a "
+            "busy spell on this shared machine falls on both; medians of all repeats:",
+            "",
+        ]
+        out += _table(["setup", "2 parties", "3 parties", "3 / 2"],
+                      [[r["variant"], _s(statistics.median(r["seconds_two"])),
+                        _s(r["seconds"]["median"]), f"{r['ratio']:.2f}x"]
+                       for r in sorted(ratios, key=lambda r: r["variant"])])  # fmt: skip
     wild = [r for r in rows if r["group"] == "accuracy" and "wild" in r]
     if wild:
         out += [

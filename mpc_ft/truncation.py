@@ -27,9 +27,10 @@ needed all three parties to pool theirs. With three parties, colluding pairs are
 kept out than with two (README, Threat model).
 
 Cost: one message of n elements from party 2 to party 1 (CrypTen's: 2n into party 0, a dealer
-pair for party 0 and four count_wraps), and party 0 never waits. Error: as with two parties,
-under two units and unbiased (tests/test_truncation.py), and a wild value with probability
-about |x| 2^-63 per element (CrypTen's protocol ignores the wrap of x + r: about |x| 2^-64).
+pair for party 0 and four count_wraps), and party 0 never waits. Error: as with two parties
+(`divide`), one unit at most and unbiased (tests/test_truncation.py), and a wild value with
+probability about |x| 2^-63 per element (CrypTen's protocol ignores the wrap of x + r: about
+|x| 2^-64).
 Other party counts keep CrypTen's protocol. The divisor may be any positive integer or integer
 tensor, as CrypTen's.
 

@@ -129,3 +129,29 @@ def test_two_class_rounds_against_the_general_path():
                + cm.reciprocal_in_range(16, 2, 1.0, 2.0, ndim=2)
                + cm.mul(32, 2, y_numel=16, ndim=2) + cm.mul(32, 2, ndim=2))  # fmt: skip
     assert general.rounds == 23
+
+
+def _two_class_only(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import crypten
+
+    from mpc_ft.ops import MpcOps
+
+    ops = MpcOps(crypten)
+    logits_in, onehot = _logits()
+    logits = ops.leaf(crypten.cryptensor(logits_in, src=0))
+    offset, total = ops.cross_entropy_backward(logits, crypten.cryptensor(onehot, src=1))
+    return offset.get_plain_text(), total.get_plain_text(), logits.grad.get_plain_text()
+
+
+@pytest.mark.parametrize(("parties", "provider"), [(2, "TFP"), (4, "TTP")])
+def test_two_class_cross_entropy_without_the_dealers_pairs_and_with_four_parties(parties, provider):
+    """CrypTen's TFP (no bit pairs: products by the bit are CrypTen's own) and 4 parties
+    (CrypTen's wrap-count truncation, on the overflowed exp too) give the same terms."""
+    logits_in, onehot = _logits()
+    logits = logits_in.clone().requires_grad_(True)
+    offset, total = TorchOps.cross_entropy_backward(logits, onehot)
+    results = run_multiparty(_two_class_only, parties=parties, provider=provider)
+    for got_offset, got_total, grad in results:
+        torch.testing.assert_close(got_offset, offset, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got_total, total, atol=1e-3, rtol=0)
+        torch.testing.assert_close(grad, logits.grad, atol=1e-3, rtol=0)

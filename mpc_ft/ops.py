@@ -479,7 +479,7 @@ def two_class_parts(logits: Any, onehot: Any) -> tuple[Any, Any, Any, Any]:
        p0 = 1 - p1.
     Only the exp of a non-positive argument is ever kept: exp(d) is computed for every row but
     used only where d < 0, exp(-d) only where d >= 0. The other one may be garbage (it
-    overflows the ring from about d = 8), and is multiplied by an exact 0, which makes it 0.
+    overflows the ring from about d = 15), and is multiplied by an exact 0, which makes it 0.
     The row sum is 1 + E and the softmax [p0, p1], as the general path gives them."""
     import crypten
 
@@ -487,7 +487,7 @@ def two_class_parts(logits: Any, onehot: Any) -> tuple[Any, Any, Any, Any]:
 
     l0, l1 = logits.narrow(-1, 0, 1), logits.narrow(-1, 1, 1)
     d = l1 - l0
-    (neg, by_neg), exps, dot = rounds.run(
+    (_, by_neg), exps, dot = rounds.run(
         compare.negative_steps(d, 3),
         exp_nonpositive_steps(crypten.cat([d, -d], dim=-1)),
         rounds.mul_steps(onehot, logits),

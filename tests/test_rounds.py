@@ -15,7 +15,7 @@ from mpc_ft import cost_model as cm
 from mpc_ft.multiparty import run_multiparty
 from mpc_ft.ops import TorchOps
 
-# l1 - l0 from -500 (CrypTen's exp is garbage below -512) to 300; |gap| >= 8 overflows the exp
+# l1 - l0 from -500 (CrypTen's exp is garbage below -512) to 300; |gap| >= 15 overflows the exp
 # that is not used
 GAPS = torch.tensor([-500.0, -40, -12, -8.5, -7, -3, -0.5, -1e-4, 0, 1e-4, 0.5, 3, 7, 8.5, 12,
                      40, 300])  # fmt: skip

@@ -33,16 +33,11 @@ Steps = Generator[Opening, list[torch.Tensor], Any]
 def open_together(opening: Opening) -> list[torch.Tensor]:
     """Open arithmetic and binary shares in one exchange (one counted round), in order."""
     import crypten.communicator as comm
-    import torch.distributed as dist
 
     sums = [t for t, xor in opening if not xor]
     xors = [t for t, xor in opening if xor]
-    if not xors:
-        opened = comm.get().all_reduce(sums, batched=True)
-    elif not sums:
-        opened = comm.get().all_reduce(xors, op=dist.ReduceOp.BXOR, batched=True)
-    else:
-        opened = comm.get().all_reduce(sums + xors, batched=True, xor_from=len(sums))
+    # messages.all_reduce: the tensors from index len(sums) on XORed (none, or all, as may be)
+    opened = comm.get().all_reduce(sums + xors, batched=True, xor_from=len(sums))
     summed, xored = iter(opened[: len(sums)]), iter(opened[len(sums) :])
     return [next(xored) if xor else next(summed) for _, xor in opening]
 

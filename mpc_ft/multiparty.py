@@ -135,6 +135,7 @@ def run_multiparty(
             precision_bits=precision_bits,
             timeout_s=min(timeout_s, 120.0),
             socket_ifname=None if hosts is None else hosts[rank][2],
+            address="127.0.0.1" if hosts is None else hosts[rank][1],
         )
         netns = None if hosts is None else hosts[rank][0]
         procs[rank] = ctx.Process(

@@ -104,7 +104,8 @@ def features(job: JobConfig, files: PartyFiles, texts: Any) -> tuple[torch.Tenso
     )
 
 
-def endpoint(job: JobConfig, name: str, interface: str | None) -> compat.PartyEndpoint:
+def endpoint(job: JobConfig, name: str, interface: str | None,
+             address: str) -> compat.PartyEndpoint:  # fmt: skip
     return compat.PartyEndpoint(
         rank=job.rank(name),
         world_size=len(job.compute_parties),
@@ -113,6 +114,7 @@ def endpoint(job: JobConfig, name: str, interface: str | None) -> compat.PartyEn
         precision_bits=job.precision_bits,
         timeout_s=job.mpc.timeout_s,
         socket_ifname=interface,
+        address=address,
     )
 
 
@@ -155,7 +157,7 @@ def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
                                     owners=_owners(job, files))  # fmt: skip
         log.info("handshake done with %s", ", ".join(h.name for h in hellos.values()))
         ctl.start_watch()
-        ep = endpoint(job, name, interface)
+        ep = endpoint(job, name, interface, address)
         try:
             if "dealer" in party.roles:
                 compat.run_dealer(ep, ctl.store)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpc_ft import compat
+from mpc_ft import compat, messages
 from mpc_ft.multiparty import free_port
 
 
@@ -59,7 +59,7 @@ def test_insecure_provider_warns(monkeypatch):
 def test_a_missing_peer_fails_within_the_timeout_instead_of_30_minutes():
     """Patch 2 and 3: explicit rendezvous and a finite gloo timeout."""
     code = textwrap.dedent(f"""
-        from mpc_ft import compat
+        from mpc_ft import compat, messages
         compat.init_party(compat.PartyEndpoint(0, 2, "tcp://127.0.0.1:{free_port()}",
                                                timeout_s=3))
     """)
@@ -196,6 +196,18 @@ def _protocol_patches_party(rank):
     out["gather"] = comm.get().gather(torch.full((3,), rank), 1)
     out["gather_bytes"] = compat.communication_stats()["bytes"] - before
     out["gather_patched"] = getattr(type(comm.get()), "_mpcft_gather", False)
+    # patch 19: all of that went over the direct links; CrypTen's send and recv do too
+    channel = comm.get()
+    own = getattr(channel, messages.LINKS)
+    out["linked"], out["link_messages"] = sorted(own.sockets), dict(own.sent)
+    if rank == 0:
+        channel.send(torch.arange(3) + 10, 1)
+    elif rank == 1:
+        out["received"] = channel.recv(torch.zeros(3, dtype=torch.long), 0)
+    out["link_messages_after"] = dict(own.sent)
+    delattr(channel, messages.LINKS)  # without links: gloo carries the same opening
+    out["sum_by_gloo"] = channel.all_reduce(mine, batched=True)
+    setattr(channel, messages.LINKS, own)
     # patch 9: Beaver products with two local products
     x = crypten.cryptensor(torch.tensor([[1.5, -2.0], [0.25, 3.0]]), src=0)
     y = crypten.cryptensor(torch.tensor([[2.0, 0.5], [-1.0, 4.0]]), src=size - 1)
@@ -249,7 +261,7 @@ def _reads_agree(fast, original, x) -> list[str]:
 
 @pytest.mark.parametrize("parties", [2, 3])
 def test_openings_products_shells_and_attribute_reads(parties):
-    """Patches 8, 9, 11, 13, 14 and 18 (12 and 10: tests/test_compare.py,
+    """Patches 8, 9, 11, 13, 14, 18 and 19 (12 and 10: tests/test_compare.py,
     tests/test_products.py; 16 and 17: tests/test_truncation.py)."""
     from mpc_ft.multiparty import run_multiparty
 
@@ -267,6 +279,17 @@ def test_openings_products_shells_and_attribute_reads(parties):
             assert out["gather"] == [None]
         assert out["gather_bytes"] == 8 * 3 * ((parties - 1) if rank == 1 else 1)
         assert out["gather_patched"]
+        peers = [r for r in ranks if r != rank]
+        assert out["linked"] == peers
+        # two openings (SUM, XOR) to every peer, and the gather's message to the root (party 1)
+        assert out["link_messages"] == {p: 3 if p == 1 else 2 for p in peers}
+        if rank == 1:
+            assert out["received"].tolist() == [10, 11, 12]
+        sent = dict(out["link_messages"])
+        if rank == 0:  # and the one send
+            sent[1] += 1
+        assert out["link_messages_after"] == sent
+        assert all(torch.equal(a, b) for a, b in zip(out["sum_by_gloo"], out["sum"], strict=True))
         x = torch.tensor([[1.5, -2.0], [0.25, 3.0]])
         y = torch.tensor([[2.0, 0.5], [-1.0, 4.0]])
         assert torch.allclose(out["mul"], x * y, atol=1e-3)

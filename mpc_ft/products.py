@@ -50,8 +50,15 @@ def _grad_x(op: str, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return g * y if op != "matmul" else g.matmul(y.transpose(-2, -1))
 
 
-def _grad_y(op: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return x * g if op != "matmul" else x.transpose(-2, -1).matmul(g)
+def _grad_y(op: str, x: torch.Tensor, g: torch.Tensor, size1: torch.Size) -> torch.Tensor:
+    """x op_y g for an operand y of size `size1`; for a matrix y broadcast over x's leading
+    dims (x [..., m, k] @ y [k, n]), their sum at once: one [k, rows] @ [rows, n] product, not
+    a [..., k, n] batch of products to add up."""
+    if op != "matmul":
+        return x * g
+    if x.dim() > 2 and len(size1) == 2:
+        return x.reshape(-1, x.size(-1)).t().matmul(g.reshape(-1, g.size(-1)))
+    return x.transpose(-2, -1).matmul(g)
 
 
 def beaver_shares(fn: Any, e: torch.Tensor, d: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -94,7 +101,7 @@ def dealer_answer(server: Any, op: str, size0: torch.Size, size1: torch.Size) ->
     c = _fn(op)(a, b)
     r = server._get_additive_PRSS(c.size())
     products = [c, sum_to(a * r, size0)] if op == "square" else [
-        c, sum_to(_grad_x(op, r, b), size0), sum_to(_grad_y(op, a, r), size1)]  # fmt: skip
+        c, sum_to(_grad_x(op, r, b), size0), sum_to(_grad_y(op, a, r, size1), size1)]  # fmt: skip
     shares = [p - server._get_additive_PRSS(p.size(), remove_rank=True) for p in products]
     return torch.cat([s.reshape(-1) for s in shares])
 
@@ -221,7 +228,7 @@ def _backward(ctx: Any, g: Any) -> tuple[Any, Any]:
     if need_x:
         dx = sum_to(_grad_x(op, gs, d) + _grad_x(op, f, b), size0) + corr_x
     if need_y:
-        dy = sum_to(_grad_y(op, e, gs) + _grad_y(op, a, f), size1) + corr_y
+        dy = sum_to(_grad_y(op, e, gs, size1) + _grad_y(op, a, f, size1), size1) + corr_y
     if need_x and need_y:
         return tuple(_shared(g, dx, dy))
     return (_shared(g, dx) if need_x else None), (_shared(g, dy) if need_y else None)

@@ -59,7 +59,9 @@ def test_the_dealer_makes_the_correlations_the_backward_needs(parties):
             assert torch.equal(a, b) and torch.equal(corr_y, a * r)
             continue
         assert torch.equal(corr_x, products.sum_to(products._grad_x(op, r, b), torch.Size(s0)))
-        assert torch.equal(corr_y, products.sum_to(products._grad_y(op, a, r), torch.Size(s1)))
+        # x op_y r, written out (_grad_y sums a broadcast matrix operand's in one product)
+        grad_y = a * r if op == "mul" else a.transpose(-2, -1).matmul(r)
+        assert torch.equal(corr_y, products.sum_to(grad_y, torch.Size(s1)))
 
 
 def _inputs(op, s0, s1, seed):

@@ -7,7 +7,8 @@ exchanges, 2-5 ms (a scheduler tick); over a plain socket that the waiting threa
 0.03 ms (benchmarks: "links"). A training step makes 42-171 such exchanges.
 
 Steps:
-1. `connect`: every computing party listens on its own address (the OS picks the port) and
+1. `connect`: every computing party listens on its own address (the OS picks the port; on a
+   loopback address, where every peer is on this host, a Unix socket instead) and
    shares address, port and a fresh random nonce with the others over gloo (one all_gather at
    start-up, in CrypTen's group of computing parties; the dealer is not linked). Party j then
    connects to each party i < j and says who it is and i's nonce; i accepts its higher peers and
@@ -155,16 +156,48 @@ class _Inbound:
         return self.got >= HEADER.size + self.payload.nbytes
 
 
-def listen(address: str) -> socket.socket:
-    """A listening socket on `address` (an IPv4 address or host name), port chosen by the OS."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind((socket.gethostbyname(address), 0))
+def listen(address: str, nonce: int, local: bool | None = None) -> tuple[socket.socket, int]:
+    """A listening socket and the port to publish. On `address` (an IPv4 address or host name),
+    port chosen by the OS; or, `local` (default: a loopback address, so every peer is on this
+    host), a Unix socket named by the nonce, published as port 0: on loopback TCP a byte costs
+    ~0.2 ms of CPU per MiB each way, over a Unix socket ~0.13 (measured here)."""
+    local = is_loopback(address) if local is None else local
+    if local:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(_unix_name(nonce))
+        port = 0
+    else:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.bind((socket.gethostbyname(address), 0))
+        port = server.getsockname()[1]
     server.listen(64)
-    return server
+    return server, port
+
+
+def dial(host: str, port: int, nonce: int, timeout_s: float) -> socket.socket:
+    """Connect to a peer's listening socket as `listen` published it (port 0: its Unix socket)."""
+    if port == 0:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout_s)
+        s.connect(_unix_name(nonce))
+        return s
+    return socket.create_connection((host, port), timeout=timeout_s)
+
+
+def _unix_name(nonce: int) -> str:
+    return f"\0mpc-ft-link-{nonce:016x}"  # Linux's abstract namespace: no file to clean up
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(address)).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 def _tuned(s: socket.socket) -> socket.socket:
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if s.family != socket.AF_UNIX:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_BYTES)
     return s
@@ -178,7 +211,7 @@ def join(rank: int, server: socket.socket, nonce: int, directory: dict[int, tupl
     sockets = {}
     for peer in sorted(p for p in directory if p < rank):
         host, port, peer_nonce = directory[peer]
-        s = socket.create_connection((host, port), timeout=timeout_s)
+        s = dial(host, port, peer_nonce, timeout_s)
         s.sendall(HELLO.pack(rank, peer_nonce))
         sockets[peer] = _tuned(s)
     higher = {p for p in directory if p > rank}
@@ -222,9 +255,9 @@ def connect(communicator: Any, address: str, timeout_s: float) -> Links:
     import torch.distributed as dist
 
     rank, world = communicator.get_rank(), communicator.get_world_size()
-    server = listen(address)
-    host, port = server.getsockname()
     nonce = secrets.randbits(62)
+    server, port = listen(address, nonce)
+    host = socket.gethostbyname(address)
     mine = torch.tensor([int(ipaddress.IPv4Address(host)), port, nonce], dtype=torch.long)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=communicator.main_group)

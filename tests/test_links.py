@@ -103,15 +103,21 @@ def test_a_closed_peer_and_a_silent_peer_fail_clearly():
     assert time.monotonic() - start < 5
 
 
-def test_join_connects_every_pair_and_turns_strays_away():
+@pytest.mark.parametrize("local", [True, False], ids=["unix", "tcp"])
+def test_join_connects_every_pair_and_turns_strays_away(local):
     """Step 1 without gloo: each party listens, then joins from a directory; a stray connection
-    (a wrong nonce, or a rank that is not higher) is closed and the join still completes."""
+    (a wrong nonce, or a rank that is not higher) is closed and the join still completes. On
+    loopback the links are Unix sockets (local), else TCP."""
     parties, nonces = 3, [11, 22, 33]
-    servers = [links.listen("127.0.0.1") for _ in range(parties)]
-    directory = {r: ("127.0.0.1", s.getsockname()[1], nonces[r]) for r, s in enumerate(servers)}
+    servers, directory = [], {}
+    for rank in range(parties):
+        server, port = links.listen("127.0.0.1", nonces[rank], local=local)
+        assert (port == 0) == local
+        servers.append(server)
+        directory[rank] = ("127.0.0.1", port, nonces[rank])
     strays = []
     for hello in ((2, 999), (0, nonces[0])):  # wrong nonce; a rank not above party 0
-        stray = socket.create_connection(directory[0][:2])
+        stray = links.dial(*directory[0], timeout_s=5)
         stray.sendall(links.HELLO.pack(*hello))
         strays.append(stray)
 
@@ -121,6 +127,8 @@ def test_join_connects_every_pair_and_turns_strays_away():
 
     meshes = _run_all([lambda r=r: party(r) for r in range(parties)])
     assert [sorted(m) for m in meshes] == [[1, 2], [0, 2], [0, 1]]
+    family = socket.AF_UNIX if local else socket.AF_INET
+    assert all(s.family == family for m in meshes for s in m.values())
     for stray in strays:  # party 0 closed them: reading gives end of stream
         stray.settimeout(5)
         assert stray.recv(1) == b""
@@ -138,6 +146,6 @@ def _ping(own: links.Links, rank: int) -> dict[int, int]:
 
 
 def test_join_gives_up_when_a_peer_never_connects():
-    server = links.listen("127.0.0.1")
+    server, _ = links.listen("127.0.0.1", 1)
     with pytest.raises(links.LinkError, match=r"parties \[1\] did not connect in 0.5 s"):
         links.join(0, server, 1, {1: ("127.0.0.1", 1, 2)}, timeout_s=0.5)

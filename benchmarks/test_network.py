@@ -43,15 +43,15 @@ triple generation, pure CPU) took 1.6-3x their loopback time. WAN is mostly late
 20 ms) and transfer. Not modelled: TCP ACKs for party 0's own sends share its downlink (~1.5%
 more bytes: see interface_bytes_per_party, /proc/net/dev of each namespace).
 
-What one emulated round is NOT: a round on a real link. gloo's TCP transport is receiver-driven
-(a send waits for the receiver's ready-to-receive notice; gloo transport/tcp/pair.cc) and its
-2-rank ring all_reduce has two dependent phases (allreduce.cc), so with real propagation delay
-an all_reduce costs about 2 RTT, not RTT/2, and a dealer request (send_obj, recv_obj, broadcast:
-3 rounds here) about 4 RTT. With one request per all_reduce that is 6 RTT per all_reduce against
-the 2 RTT emulated: a real 40 ms WAN would spend ~3x the latency term here (read from gloo's
-source; not measurable without netem). TCP slow start after idle is not emulated either. The
-WAN rows are a lower bound for this stack on a real WAN; the emulation is faithful to CrypTen's
-own round count, which is what cost models built on it assume.
+What one emulated round is, on a real link. The openings, gathers and folds travel over the
+computing parties' direct links (mpc_ft/links.py): each party sends at once and reads its peers'
+messages, so an exchange costs one one-way delay, RTT/2, as emulated. The dealer's requests still
+go over gloo, whose TCP transport is receiver-driven (a send waits for the receiver's
+ready-to-receive notice; gloo transport/tcp/pair.cc): about 4 RTT for send_obj, recv_obj and
+broadcast (3 rounds here) against 1.5 RTT emulated; with triples ahead that is one request per
+step. TCP slow start after idle is not emulated either. The WAN rows are a lower bound for this
+stack on a real WAN; the emulation is faithful to CrypTen's own round count, which is what cost
+models built on it assume.
 """
 
 from __future__ import annotations

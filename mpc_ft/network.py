@@ -1,7 +1,8 @@
 """Where a party listens and connects: the rendezvous address, the interface gloo binds, and the
 warning for plaintext links between hosts.
 
-gloo's TCP transport is neither encrypted nor authenticated. Between hosts, the links must run
+gloo's TCP transport, like the parties' direct links (links.py, which listen on the same
+address), is neither encrypted nor authenticated. Between hosts, the links must run
 inside a tunnel (WireGuard, SSH) that the job declares with `mpc.secure_tunnel = true`; a party
 that binds a non-loopback address without that declaration prints a loud warning.
 """
@@ -97,7 +98,8 @@ def plaintext_link_warning(party: str, address: str, secure_tunnel: bool) -> str
         return None
     return (
         f"WARNING: party {party!r} binds {address}, which is not loopback, and the job does not "
-        "declare mpc.secure_tunnel = true. gloo's TCP is neither encrypted nor authenticated: "
+        "declare mpc.secure_tunnel = true. gloo's TCP and the parties' direct links are "
+        "neither encrypted nor authenticated: "
         "anyone on the path can read and alter this party's traffic (shares, and the trained "
         "head revealed to its owner). Run the links inside WireGuard or SSH tunnels (README: "
         "'Deploying across hosts') and set mpc.secure_tunnel = true."

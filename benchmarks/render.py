@@ -33,6 +33,8 @@ PEERS = [
 def _s(x: float | None) -> str:
     if x is None:
         return "-"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} us"
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
@@ -261,6 +263,21 @@ def _plot_scaling(series: dict[str, list[dict]], plots: Path) -> Path | None:
     return path
 
 
+def links_section(rows: list[dict]) -> list[str]:
+    links = [r for r in rows if r["group"] == "links"]
+    if not links:
+        return []
+    out = ["## Direct links against gloo (mpc_ft/links.py)", "",
+           "The same processes time the same work with their direct links up, then down (gloo "
+           "carries the messages instead), alternately; idle dealer. Party 0's seconds: median "
+           "(90th percentile).", ""]  # fmt: skip
+    lines = [[r["what"], str(r["parties"]),
+              f"{_s(statistics.median(r['seconds_gloo']))} ({_s(r['p90_gloo'])})",
+              f"{_s(r['seconds']['median'])} ({_s(r['p90'])})", f"{r['gloo_over_links']:.2f}x"]
+             for r in sorted(links, key=lambda r: (r["what"], r["parties"]))]  # fmt: skip
+    return out + _table(["work", "parties", "gloo", "links", "gloo / links"], lines) + [""]
+
+
 def phases_section(rows: list[dict]) -> list[str]:
     phases = [r for r in rows if r["group"] == "phases"]
     if not phases:
@@ -430,6 +447,7 @@ def render(results: Path = RESULTS, out: Path = ROOT / "BENCHMARKS.md",
     text += scaling_section(rows, plots, out.parent)
     text += accuracy_section(rows)
     text += phases_section(rows)
+    text += links_section(rows)
     text += network_section(rows)
     text += federated_section(rows)
     out.write_text("\n".join(text))

@@ -59,10 +59,9 @@ Patches (each pinned by a test in tests/test_compat.py):
    value v <= -2 within (|v| - 1) units above an integer opens 1.0 too low (-14.99986 as
    -15.99986): about |v| / 65536 of such values at 16 bits, silently. `_exact_decoding` floors
    by the scale and adds the remainder, as CrypTen meant.
-19. gloo hands every message from its I/O thread to the waiting one: 0.3-0.9 ms per small
-   message here, 2-5 ms in one of 5-10. After CrypTen's init each computing party links to every
-   other by a plain TCP socket (links.py, `messages.link_parties`); openings, gathers and CrypTen's
-   send/recv between computing parties go over those (`messages.send_and_receive_directly`).
+19. gloo hands each message from its I/O thread to the waiting one (0.3-5 ms per small message
+   here); after CrypTen's init the computing parties link by plain sockets (links.py), which carry
+   openings, gathers, send and recv (`messages.link_parties`, `send_and_receive_directly`).
 """
 
 from __future__ import annotations

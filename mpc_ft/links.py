@@ -1,10 +1,11 @@
-"""Direct TCP links between the computing parties, for the online phase's messages (messages.py).
+"""Direct links between the computing parties (TCP; Unix sockets on one host), for the online
+phase's messages (messages.py).
 
 Why: gloo hands each arriving message from its own I/O thread to the waiting thread, two thread
 wake-ups per message. On this project's 2-core machines a 32-element exchange between two parties
 that compute ~1 ms between exchanges took a median 0.3-0.9 ms over gloo and, in 10-22% of the
 exchanges, 2-5 ms (a scheduler tick); over a plain socket that the waiting thread reads itself,
-0.03 ms (benchmarks: "links"). A training step makes 42-171 such exchanges.
+0.03 ms (benchmarks/test_links.py). A training step makes 42-346 such exchanges.
 
 Steps:
 1. `connect`: every computing party listens on its own address (the OS picks the port; on a

@@ -59,9 +59,8 @@ Patches (each pinned by a test in tests/test_compat.py):
    value v <= -2 within (|v| - 1) units above an integer opens 1.0 too low (-14.99986 as
    -15.99986): about |v| / 65536 of such values at 16 bits, silently. `_exact_decoding` floors
    by the scale and adds the remainder, as CrypTen meant.
-19. gloo hands each message from its I/O thread to the waiting one (0.3-5 ms per small message
-   here); after CrypTen's init the computing parties link by plain sockets (links.py), which carry
-   openings, gathers, send and recv (`messages.link_parties`, `send_and_receive_directly`).
+19. gloo hands each message through its I/O thread (0.3-5 ms a small one here): the computing
+   parties link by plain sockets (links.py) for openings, gathers, send and recv (messages.py).
 """
 
 from __future__ import annotations

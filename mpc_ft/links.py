@@ -38,6 +38,8 @@ import struct
 import time
 from typing import Any
 
+from mpc_ft import network
+
 HEADER = struct.Struct("<qq")  # sequence number, payload bytes
 HELLO = struct.Struct("<qq")  # the connecting party's rank, the listener's nonce
 BUFFER_BYTES = 4 << 20  # socket buffers: a step's largest opening (1.5 MiB) in one go
@@ -157,19 +159,19 @@ class _Inbound:
         return self.got >= HEADER.size + self.payload.nbytes
 
 
-def listen(address: str, nonce: int, local: bool | None = None) -> tuple[socket.socket, int]:
-    """A listening socket and the port to publish. On `address` (an IPv4 address or host name),
-    port chosen by the OS; or, `local` (default: a loopback address, so every peer is on this
-    host), a Unix socket named by the nonce, published as port 0: on loopback TCP a byte costs
-    ~0.2 ms of CPU per MiB each way, over a Unix socket ~0.13 (measured here)."""
-    local = is_loopback(address) if local is None else local
+def listen(host: str, nonce: int, local: bool | None = None) -> tuple[socket.socket, int]:
+    """A listening socket and the port to publish. On `host` (an IPv4 address), port chosen by
+    the OS; or, `local` (default: a loopback address, so every peer is on this host), a Unix
+    socket named by the nonce, published as port 0: on loopback TCP a byte costs ~0.2 ms of CPU
+    per MiB each way, over a Unix socket ~0.13 (measured here)."""
+    local = network.is_loopback(host) if local is None else local
     if local:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(_unix_name(nonce))
         port = 0
     else:
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        server.bind((socket.gethostbyname(address), 0))
+        server.bind((host, 0))
         port = server.getsockname()[1]
     server.listen(64)
     return server, port
@@ -187,13 +189,6 @@ def dial(host: str, port: int, nonce: int, timeout_s: float) -> socket.socket:
 
 def _unix_name(nonce: int) -> str:
     return f"\0mpc-ft-link-{nonce:016x}"  # Linux's abstract namespace: no file to clean up
-
-
-def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(address)).is_loopback
-    except (OSError, ValueError):
-        return False
 
 
 def _tuned(s: socket.socket) -> socket.socket:
@@ -257,8 +252,8 @@ def connect(communicator: Any, address: str, timeout_s: float) -> Links:
 
     rank, world = communicator.get_rank(), communicator.get_world_size()
     nonce = secrets.randbits(62)
-    server, port = listen(address, nonce)
-    host = socket.gethostbyname(address)
+    host = socket.gethostbyname(address)  # the job file may name the host
+    server, port = listen(host, nonce)
     mine = torch.tensor([int(ipaddress.IPv4Address(host)), port, nonce], dtype=torch.long)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=communicator.main_group)

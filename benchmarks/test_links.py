@@ -14,13 +14,15 @@ Rows: benchmarks/results/links__*.json (group "links").
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from benchmarks.measure import pick
+from benchmarks.measure import _mpc_party, pick
 from benchmarks.rows import write_row
 from benchmarks.workloads import REFERENCE, head_build, head_run
 from mpc_ft.multiparty import run_multiparty
@@ -28,62 +30,50 @@ from mpc_ft.multiparty import run_multiparty
 ALTERNATIONS = pick(1, 3)
 
 
-def _toggle(on: bool, links: object) -> None:
+def _alternately() -> Iterator[str]:
+    """Yields "links", then "gloo", ALTERNATIONS times: this party's links up, then taken down
+    (the communicator falls back to gloo: messages.py); up again at the end."""
     import crypten.communicator as comm
 
     from mpc_ft import messages
 
-    if on:
-        setattr(comm.get(), messages.LINKS, links)
-    elif hasattr(comm.get(), messages.LINKS):
-        delattr(comm.get(), messages.LINKS)
+    channel = comm.get()
+    links = getattr(channel, messages.LINKS)
+    try:
+        for _ in range(ALTERNATIONS):
+            setattr(channel, messages.LINKS, links)
+            yield "links"
+            delattr(channel, messages.LINKS)
+            yield "gloo"
+    finally:
+        setattr(channel, messages.LINKS, links)
 
 
 def _openings_party(rank: int, openings: int) -> dict[str, list[float]]:
     import crypten.communicator as comm
 
-    from mpc_ft import messages
-
-    links = getattr(comm.get(), messages.LINKS)
     share = torch.arange(32) * (rank + 1)
     seconds: dict[str, list[float]] = {"links": [], "gloo": []}
-    for _ in range(ALTERNATIONS):
-        for transport in ("links", "gloo"):
-            _toggle(transport == "links", links)
-            for _ in range(openings):
-                start = time.perf_counter()
-                while time.perf_counter() - start < 1e-3:  # local work between openings
-                    pass
-                start = time.perf_counter()
-                comm.get().all_reduce(share)
-                seconds[transport].append(time.perf_counter() - start)
-    _toggle(True, links)
+    for transport in _alternately():
+        for _ in range(openings):
+            start = time.perf_counter()
+            while time.perf_counter() - start < 1e-3:  # local work between openings
+                pass
+            start = time.perf_counter()
+            comm.get().all_reduce(share)
+            seconds[transport].append(time.perf_counter() - start)
     return seconds
 
 
 def _steps_party(rank: int, native: bool, repeats: int) -> dict[str, list[float]]:
-    import crypten
-    import crypten.communicator as comm
-
-    from benchmarks.measure import Timer
-    from mpc_ft import messages
-    from mpc_ft.ops import MpcOps
-
-    torch.manual_seed(0)
-    links = getattr(comm.get(), messages.LINKS)
-    ops = MpcOps(crypten, triples_ahead=True)
+    """measure.py's party (shared inputs, a warm-up, then `repeats` steps) per transport."""
     config = REFERENCE | {"native": native, "triples_ahead": True, "mode": "train"}
-    inputs = {k: crypten.cryptensor(v, src=0) for k, v in head_build(**config).items()}
+    build = functools.partial(head_build, **config)
+    run = functools.partial(head_run, **config)
     seconds: dict[str, list[float]] = {"links": [], "gloo": []}
-    for _ in range(ALTERNATIONS):
-        for transport in ("links", "gloo"):
-            _toggle(transport == "links", links)
-            head_run(inputs, ops, Timer(counting=True), **config)  # warm-up after the switch
-            timer = Timer(counting=True)
-            for _ in range(repeats):
-                head_run(inputs, ops, timer, **config)
-            seconds[transport] += timer.phases["step"].seconds
-    _toggle(True, links)
+    for transport in _alternately():
+        phases = _mpc_party(rank, build, run, repeats, {"triples_ahead": True})
+        seconds[transport] += phases["step"].seconds
     return seconds
 
 

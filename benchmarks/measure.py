@@ -83,6 +83,12 @@ def _mpc_party(rank: int, build: Callable, run: Callable, repeats: int,
     return dict(timer.phases)
 
 
+def _mpc_parties(rank: int, workloads: dict[Any, tuple[Callable, Callable]], repeats: int,
+                 ops_options: dict[str, Any]) -> dict[Any, dict[str, Phase]]:  # fmt: skip
+    return {key: _mpc_party(rank, build, run, repeats, ops_options)
+            for key, (build, run) in workloads.items()}  # fmt: skip
+
+
 def plaintext(build: Callable, run: Callable, repeats: int) -> dict[str, list[float]]:
     torch.set_num_threads(1)  # as each MPC party has one thread
     inputs = build()
@@ -125,13 +131,33 @@ def measure(
     """The workload under MPC (parties + the dealer) and in plaintext, in this one run.
     `ops_options`: keyword arguments for MpcOps (e.g. reuse_openings=False); dealer_ahead:
     as run_multiparty's (False: the dealer idles while a step runs)."""
-    build = functools.partial(build, **config)
-    run = functools.partial(run, **config)
+    return measure_each({None: (build, run, config)}, parties=parties, repeats=repeats,
+                        timeout_s=timeout_s, ops_options=ops_options,
+                        dealer_ahead=dealer_ahead)[None]  # fmt: skip
+
+
+def measure_each(
+    workloads: dict[Any, tuple[Callable, Callable, dict[str, Any]]],
+    *,
+    parties: int = 2,
+    repeats: int = 3,
+    timeout_s: float = 900,
+    ops_options: dict[str, Any] | None = None,
+    dealer_ahead: bool = True,
+) -> dict[Any, Result]:
+    """`measure` for each workload (key -> build, run, config), one after another in one set
+    of party processes: their start-up (CrypTen, the links) is paid once, not per workload."""
+    bound = {key: (functools.partial(build, **config), functools.partial(run, **config))
+             for key, (build, run, config) in workloads.items()}  # fmt: skip
     per_party = run_multiparty(
-        _mpc_party, parties=parties, args=(build, run, repeats, ops_options or {}),
+        _mpc_parties, parties=parties, args=(bound, repeats, ops_options or {}),
         timeout_s=timeout_s, dealer_ahead=dealer_ahead,
     )  # fmt: skip
-    return Result(mpc=per_party[0], per_party=per_party, plain=plaintext(build, run, repeats))
+    return {
+        key: Result(mpc=per_party[0][key], per_party=[p[key] for p in per_party],
+                    plain=plaintext(build, run, repeats))
+        for key, (build, run) in bound.items()
+    }  # fmt: skip
 
 
 def write_phase_row(case: str, result: Result, phase: str, **row: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.measure import measure, pick, write_phase_row
+from benchmarks.measure import measure_each, pick, write_phase_row
 from benchmarks.workloads import (
     COMPONENTS,
     NATIVE_REPLACES,
@@ -55,20 +55,15 @@ def _bound(component: str, parties: int) -> dict | None:
 
 @pytest.mark.parametrize("parties", [2, 3])
 def test_components(benchmark, parties):
-    steps = {
-        native: measure(
-            head_build,
-            head_run,
-            REFERENCE | {"mode": "train", "native": native},
-            parties=parties,
-            repeats=pick(1, 3),
-        )
-        for native in (False, True)
-    }
+    steps = measure_each(
+        {native: (head_build, head_run, REFERENCE | {"mode": "train", "native": native})
+         for native in (False, True)},
+        parties=parties, repeats=pick(1, 3),
+    )  # fmt: skip
 
     def run_all():
-        return {c: measure(component_build, component_run, REFERENCE | {"component": c},
-                           parties=parties, repeats=pick(1, 3)) for c in COMPONENTS}  # fmt: skip
+        return measure_each({c: (component_build, component_run, REFERENCE | {"component": c})
+                             for c in COMPONENTS}, parties=parties, repeats=pick(1, 3))  # fmt: skip
 
     results = benchmark.pedantic(run_all, rounds=1, iterations=1)
     for component, result in results.items():

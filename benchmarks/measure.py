@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
 import os
 import time
 from collections import defaultdict
@@ -81,6 +82,34 @@ def _mpc_party(rank: int, build: Callable, run: Callable, repeats: int,
     for _ in range(repeats):
         run(inputs, ops, timer)
     return dict(timer.phases)
+
+
+def _busy(started: Any, stop: Any) -> None:
+    torch.set_num_threads(1)
+    a = torch.randint(-(2**40), 2**40, (512, 256))
+    b = torch.randint(-(2**40), 2**40, (256, 256))
+    started.set()
+    while not stop.is_set():
+        a @ b
+
+
+@contextlib.contextmanager
+def busy_process(timeout_s: float = 60) -> Iterator[None]:
+    """One more process busy on the CPU while the block runs (int64 matrix products in a loop,
+    one thread): the shortage of cores that a third party makes, without its messages."""
+    context = multiprocessing.get_context("spawn")
+    started, stop = context.Event(), context.Event()
+    process = context.Process(target=_busy, args=(started, stop), daemon=True)
+    process.start()
+    try:
+        if not started.wait(timeout_s):
+            raise RuntimeError(f"the busy process did not start in {timeout_s:g} s")
+        yield
+    finally:
+        stop.set()
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
 
 
 def _mpc_parties(rank: int, workloads: dict[Any, tuple[Callable, Callable]], repeats: int,

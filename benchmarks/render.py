@@ -92,19 +92,26 @@ def reference_section(rows: list[dict]) -> list[str]:
             "comparison with the `step` rows above:", ""]  # fmt: skip
     out += _table(["system", "s per step", "MiB per party", "rounds per party"],
                   [[n, f"{s:.2f}", f"{m}", f"~{r}"] for n, s, m, r in PEERS])  # fmt: skip
-    ratios = [r for r in rows if r["group"] == "party_ratio"]
+    ratios = sorted((r for r in rows if r["group"] == "party_ratio"), key=lambda r: r["variant"])
     if ratios:
         out += [
             "",
             "The online step (triples ahead) with 3 parties against 2, measured "
-            "alternately in one run (2, 3, 2, 3, 2, 3 parties; 10 repeats each), so that a "
-            "busy spell on this shared machine falls on both; medians of all repeats:",
+            "alternately in one run (three times 2 parties, 2 parties beside one more busy "
+            "process, 3 parties; 10 repeats each), so that a busy spell on this shared machine "
+            "falls on all; medians of all repeats. The busy process (int64 products in a loop) "
+            "makes the shortage of cores that a third party makes on a machine with fewer "
+            "cores than busy processes, without its messages: 3 parties against that arm is "
+            "what the third party costs beyond the cores.",
             "",
         ]
-        out += _table(["setup", "2 parties", "3 parties", "3 / 2"],
+        out += _table(["setup", "2 parties", "2 parties + 1 busy process", "3 parties", "3 / 2",
+                       "3 / (2 + busy)"],
                       [[r["variant"], _s(statistics.median(r["seconds_two"])),
-                        _s(r["seconds"]["median"]), f"{r['ratio']:.2f}x"]
-                       for r in sorted(ratios, key=lambda r: r["variant"])])  # fmt: skip
+                        _s(statistics.median(r["seconds_two_busy"])) if "ratio_busy" in r else "-",
+                        _s(r["seconds"]["median"]), f"{r['ratio']:.2f}x",
+                        f"{r['ratio_busy']:.2f}x" if "ratio_busy" in r else "-"]
+                       for r in ratios])  # fmt: skip
     wild = [r for r in rows if r["group"] == "accuracy" and "wild" in r]
     if wild:
         out += [

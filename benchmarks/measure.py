@@ -41,13 +41,14 @@ def pick(quick: Any, full: Any) -> Any:
 @dataclass
 class Phase:
     seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # this process's CPU seconds, all threads
     bytes: list[float] = field(default_factory=list)
     rounds: list[float] = field(default_factory=list)
 
 
 class Timer:
-    """Times named phases (they may nest); under MPC also counts bytes and rounds, as the
-    difference of CrypTen's cumulative counters across the phase."""
+    """Times named phases (they may nest), in wall-clock and CPU seconds; under MPC also counts
+    bytes and rounds, as the difference of CrypTen's cumulative counters across the phase."""
 
     def __init__(self, counting: bool) -> None:
         self.counting = counting
@@ -58,10 +59,11 @@ class Timer:
         from mpc_ft import compat
 
         before = compat.communication_stats() if self.counting else None
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         yield
         phase = self.phases[name]
         phase.seconds.append(time.perf_counter() - start)
+        phase.cpu.append(time.process_time() - cpu)
         if before is not None:
             after = compat.communication_stats()
             phase.bytes.append(after["bytes"] - before["bytes"])
@@ -139,6 +141,11 @@ class Result:
 
     def rounds_per_party(self, phase: str) -> list[float]:
         return [_median(p[phase].rounds) for p in self.per_party]
+
+    def busiest_cpu(self, phase: str) -> list[float]:
+        """Per repeat, the CPU seconds of the party that used the most: with a core per
+        party, about what the phase would take if no party waited for messages."""
+        return [max(cpus) for cpus in zip(*(p[phase].cpu for p in self.per_party), strict=True)]
 
 
 def _median(values: list[float]) -> float:

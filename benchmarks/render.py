@@ -102,16 +102,14 @@ def reference_section(rows: list[dict]) -> list[str]:
             "falls on all; medians of all repeats. The busy process (int64 products in a loop) "
             "makes the shortage of cores that a third party makes on a machine with fewer "
             "cores than busy processes, without its messages: 3 parties against that arm is "
-            "what the third party costs beyond the cores.",
+            "what the third party costs beyond the cores. Last, the CPU seconds of the busiest "
+            "party per step (median), 3 parties against 2: about the ratio on a machine with a "
+            "core per party, if no party waited for messages (not measured here).",
             "",
         ]
         out += _table(["setup", "2 parties", "2 parties + 1 busy process", "3 parties", "3 / 2",
-                       "3 / (2 + busy)"],
-                      [[r["variant"], _s(statistics.median(r["seconds_two"])),
-                        _s(statistics.median(r["seconds_two_busy"])) if "ratio_busy" in r else "-",
-                        _s(r["seconds"]["median"]), f"{r['ratio']:.2f}x",
-                        f"{r['ratio_busy']:.2f}x" if "ratio_busy" in r else "-"]
-                       for r in ratios])  # fmt: skip
+                       "3 / (2 + busy)", "busiest party's CPU: 2, 3 parties"],
+                      [_party_ratio_cells(r) for r in ratios])  # fmt: skip
     wild = [r for r in rows if r["group"] == "accuracy" and "wild" in r]
     if wild:
         out += [
@@ -135,6 +133,20 @@ def reference_section(rows: list[dict]) -> list[str]:
                         f"{max(r['loss_gap']):.1e}", str(r.get("outliers", 0))]
                        for r in gaps])  # fmt: skip
     return out + [""]
+
+
+def _party_ratio_cells(row: dict) -> list[str]:
+    """One party_ratio row's cells; "-" for the arms a row from an older revision lacks."""
+
+    def median(key: str) -> str:
+        return _s(statistics.median(row[key])) if key in row else "-"
+
+    busy = f"{row['ratio_busy']:.2f}x" if "ratio_busy" in row else "-"
+    cpu = "-"
+    if "ratio_cpu" in row:
+        cpu = f"{median('cpu_two')}, {median('cpu_three')}: {row['ratio_cpu']:.2f}x"
+    return [row["variant"], median("seconds_two"), median("seconds_two_busy"),
+            _s(row["seconds"]["median"]), f"{row['ratio']:.2f}x", busy, cpu]  # fmt: skip
 
 
 def component_section(rows: list[dict], plots: Path, base: Path) -> list[str]:

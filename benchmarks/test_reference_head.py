@@ -212,9 +212,12 @@ def test_reference_three_parties_against_two(benchmark, variant, dealer_ahead):
     A third arm, between them: 2 parties while one more process keeps a core busy
     (`busy_process`). On a machine with fewer cores than busy processes a round-synchronous
     step waits at each round for the party without a core; 3 parties against this arm is the
-    protocol's own cost of the third party, with the same shortage of cores."""
+    protocol's own cost of the third party, with the same shortage of cores. And per repeat the
+    CPU seconds of the busiest party (`busiest_cpu`): what the step would take with a core per
+    party if no party waited for messages, an estimate for a machine not measured here."""
     config = REFERENCE | {"mode": "train", "native": variant == "native", "triples_ahead": True}
     seconds: dict[str, list[float]] = {"two": [], "two_busy": [], "three": []}
+    cpu: dict[str, list[float]] = {"two": [], "three": []}
     arms = {"two": (2, contextlib.nullcontext), "two_busy": (2, busy_process),
             "three": (3, contextlib.nullcontext)}  # fmt: skip
 
@@ -225,6 +228,8 @@ def test_reference_three_parties_against_two(benchmark, variant, dealer_ahead):
                     result = measure(head_build, head_run, config, parties=parties,
                                      repeats=pick(1, 10), dealer_ahead=dealer_ahead)  # fmt: skip
                 seconds[arm] += result.mpc["step"].seconds
+                if arm in cpu:
+                    cpu[arm] += result.busiest_cpu("step")
 
     benchmark.pedantic(alternate, rounds=1, iterations=1)
     median = {arm: statistics.median(s) for arm, s in seconds.items()}
@@ -233,6 +238,8 @@ def test_reference_three_parties_against_two(benchmark, variant, dealer_ahead):
     write_row(f"reference/{variant}-three-vs-two/{'ahead' if dealer_ahead else 'idle'}",
               group="party_ratio", config=config, parties=3, seconds=seconds["three"],
               seconds_two=seconds["two"], seconds_two_busy=seconds["two_busy"], ratio=ratio,
-              ratio_busy=median["three"] / median["two_busy"],
+              ratio_busy=median["three"] / median["two_busy"], cpu_two=cpu["two"],
+              cpu_three=cpu["three"],
+              ratio_cpu=statistics.median(cpu["three"]) / statistics.median(cpu["two"]),
               variant=f"{variant}, {dealer}")  # fmt: skip
     assert ratio > 1.0  # 3 parties do more work on the same cores

@@ -5,7 +5,8 @@ A workload is two module-level functions (picklable, so spawned parties can run 
 `run(inputs, ops, timer, **config)` computes with `ops` (TorchOps or MpcOps), marking phases
 with `with timer("forward"): ...`. Under MPC every input is secret-shared first (src 0; who
 owns what does not change the cost), one warm-up run is discarded, then each repeat records
-per phase: seconds, and bytes and rounds from CrypTen's own communication counters.
+per phase: seconds (wall-clock, and the process's CPU), and bytes and rounds from CrypTen's
+own communication counters. `measure_each` measures several workloads in one set of parties.
 
     result = measure(build, run, config, parties=2, repeats=3)
     result.mpc["forward"].seconds   # party 0's timings per repeat

@@ -216,10 +216,10 @@ def test_reference_three_parties_against_two(benchmark, variant, dealer_ahead):
     CPU seconds of the busiest party (`busiest_cpu`): what the step would take with a core per
     party if no party waited for messages, an estimate for a machine not measured here."""
     config = REFERENCE | {"mode": "train", "native": variant == "native", "triples_ahead": True}
-    seconds: dict[str, list[float]] = {"two": [], "two_busy": [], "three": []}
-    cpu: dict[str, list[float]] = {"two": [], "three": []}
     arms = {"two": (2, contextlib.nullcontext), "two_busy": (2, busy_process),
             "three": (3, contextlib.nullcontext)}  # fmt: skip
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpu: dict[str, list[float]] = {arm: [] for arm in arms}  # the busiest party's
 
     def alternate() -> None:
         for _ in range(pick(1, 3)):
@@ -228,8 +228,7 @@ def test_reference_three_parties_against_two(benchmark, variant, dealer_ahead):
                     result = measure(head_build, head_run, config, parties=parties,
                                      repeats=pick(1, 10), dealer_ahead=dealer_ahead)  # fmt: skip
                 seconds[arm] += result.mpc["step"].seconds
-                if arm in cpu:
-                    cpu[arm] += result.busiest_cpu("step")
+                cpu[arm] += result.busiest_cpu("step")
 
     benchmark.pedantic(alternate, rounds=1, iterations=1)
     median = {arm: statistics.median(s) for arm, s in seconds.items()}

@@ -20,7 +20,8 @@ Patches (each pinned by a test in tests/test_compat.py):
 6. With the TTP provider, every party but 0 computes a throw-away product per Beaver triple
    to learn its shape; `_triples_without_dummy_products` takes the shape from meta tensors.
 7. The dealer runs `offline.dealer_class()`: CrypTen's TTPServer plus a bulk request (a whole
-   step's triples in one message) answered one step ahead (tests/test_offline.py).
+   step's triples in one message) answered one step ahead (tests/test_offline.py), seeding its
+   generators from os.urandom, not torch's global generator (seeded, it made triples public).
 8. Every opening of shares went through gloo's all_reduce, which costs about 1.3 ms per call on
    loopback even for one element (a send/receive pair: 0.16 ms), and every Beaver product and
    every AND of a comparison opens once: `messages.open_by_exchange` has each party send its
@@ -55,10 +56,9 @@ Patches (each pinned by a test in tests/test_compat.py):
 17. With 2 parties (and 3 after that fold) each share is divided locally by an int64 division,
    about 2 ns per element; by a power of two, `truncation.divide_by_shifts` shifts instead,
    ten times faster, and rounds stochastically (unbiased, one unit at most).
-18. CrypTen decodes a negative fixed-point integer by dividing it by scale - 1, not scale, so a
-   value v <= -2 within (|v| - 1) units above an integer opens 1.0 too low (-14.99986 as
-   -15.99986): about |v| / 65536 of such values at 16 bits, silently. `_exact_decoding` floors
-   by the scale and adds the remainder, as CrypTen meant.
+18. CrypTen decodes a negative fixed-point integer by dividing it by scale - 1, not scale: a value
+   v <= -2 within |v| - 1 units above an integer opens 1.0 too low (-14.99986 as -15.99986), about
+   |v| / 65536 of them at 16 bits. `_exact_decoding` floors by the scale and adds the remainder.
 19. gloo hands each message through its I/O thread (0.3-5 ms a small one here): the computing
    parties link by plain sockets (links.py) for openings, gathers, send and recv (messages.py).
 """

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -57,6 +58,13 @@ def result_size(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tor
     if name == products.DEALER_METHOD:  # (op, size0, size1): products.dealer_answer, flat
         return torch.Size([sum(s.numel() for s in products.correlation_sizes(*args))])
     raise ValueError(f"unknown dealer call {name!r}")
+
+
+def fresh_seeds(count: int) -> list[int]:
+    """`count` int64 seeds from os.urandom, for the generators the dealer shares with each
+    party (TTPServer drew them from torch's global generator, which any code may seed: see
+    `dealer_class`)."""
+    return [int.from_bytes(os.urandom(8), "big", signed=True) for _ in range(count)]
 
 
 def serve_bulk(server: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> Any:
@@ -91,6 +99,7 @@ def dealer_class() -> type:
     party 0 says "terminate" or a link breaks."""
     import crypten
     import crypten.communicator as comm
+    import torch.distributed as dist
     from crypten.mpc.provider.ttp_provider import TTPServer
 
     class Dealer(TTPServer):
@@ -105,6 +114,23 @@ def dealer_class() -> type:
                 self.serve()
             except RuntimeError as err:  # as TTPServer: a broken link ends the loop quietly
                 logging.info("dealer stopping: %s", err)
+
+        def _setup_generators(self) -> None:
+            """TTPServer's, with seeds from os.urandom. TTPServer draws them from torch's global
+            generator, which any code may seed (`mpc-ft party` once seeded it with 0): then every
+            party's shares of every triple follow from a constant, and each Beaver opening
+            x - a gives its operand x away (tests/test_offline.py pins this)."""
+            world = comm.get().get_world_size()
+            seeds = fresh_seeds(world)
+            sends = [dist.isend(torch.tensor(seed), dst=i, group=self.ttp_group)
+                     for i, seed in enumerate(seeds)]  # fmt: skip
+            self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            cuda = torch.cuda.is_available()
+            self.generators_cuda = [torch.Generator(device="cuda").manual_seed(s) if cuda else None
+                                    for s in seeds]  # fmt: skip
+            for send in sends:
+                send.wait()
+            dist.barrier(group=self.ttp_group)
 
         def serve(self) -> None:
             ahead: tuple[Any, list[torch.Tensor], torch.Tensor] | None = None

@@ -135,7 +135,6 @@ def check_launcher_environment(job: JobConfig, name: str, environ: dict[str, str
 def run(job: JobConfig, name: str, files: PartyFiles) -> dict[str, Any]:
     """Run party `name` of `job` to the end; returns (and writes) its result record."""
     party = job.party(name)
-    torch.manual_seed(0)  # CrypTen's own randomness uses its generators, not this one
     start = time.perf_counter()
     rendezvous = network.parse_rendezvous(job.mpc.rendezvous)
     check_launcher_environment(job, name, dict(os.environ))

@@ -3,16 +3,20 @@
     results = run_multiparty(fn, parties=2, args=(x,))   # fn(rank, *args) on every party
     with PartyProcesses(job_file, {"alice": [...], ...}, env=env) as run: ...   # `mpc-ft party`
 
-run_multiparty: a function once per party, each in its own spawned process (a real CrypTen
-session). PartyProcesses: whole `mpc-ft party` processes, started the way separate hosts start
-them (tests of deployment, failures and the handshake).
+run_multiparty: a function once per party, each in its own process (a real CrypTen session),
+forked from a server process that imported torch and CrypTen once (mpc_ft/preload.py; spawning
+each afresh cost 4-6 s a session). The server starts with the first session and keeps the
+environment and sys.path of that moment: set variables that parties read before it.
+PartyProcesses: whole `mpc-ft party` processes, started the way separate hosts start them (tests
+of deployment, failures and the handshake).
 
 Every computing party joins a fresh loopback rendezvous with explicit rank and world size; with the
 TTP provider a dealer process serves triples. With `hosts`, each process first moves into its own
 network namespace (tests/netns.py makes them) and talks over that namespace's interface instead;
 with `latency_s`, each computing party runs `fn` under `compat.emulate_latency` (benchmarks).
-A party's exception comes back with its traceback; if any party fails or the deadline passes, all
-processes are killed and `MultipartyError` names each failed rank. Results must be picklable
+A party's exception comes back with its traceback; if any party fails, dies or the deadline
+passes, all processes are killed at once and `MultipartyError` names each failed rank
+(tests/test_multiparty.py). Results must be picklable
 (they cross a process boundary back to the parent, never between parties).
 """
 
@@ -99,6 +103,14 @@ def _party_main(
         out.put((ep.rank, "error", traceback.format_exc()))
 
 
+def _fork_server() -> mp.context.BaseContext:
+    """Party processes forked from a fork server that has imported torch and CrypTen once
+    (mpc_ft/preload.py), not spawned afresh: a session starts in about 1 s, not 4-6 s."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["mpc_ft.preload"])
+    return ctx
+
+
 def run_multiparty(
     fn: Callable[..., Any],
     *,
@@ -123,7 +135,7 @@ def run_multiparty(
         raise ValueError(f"hosts must name exactly ranks {ranks}, got {sorted(hosts)}")
     address = "127.0.0.1" if hosts is None else hosts[0][1]
     rendezvous = f"tcp://{address}:{free_port()}"
-    ctx = mp.get_context("spawn")
+    ctx = _fork_server()
     out: mp.Queue = ctx.Queue()
     procs = {}
     for rank in ranks:
@@ -152,14 +164,14 @@ def run_multiparty(
             try:
                 rank, status, value = out.get(timeout=1.0)
             except queue.Empty:
-                dead = [r for r, p in procs.items() if not p.is_alive() and p.exitcode != 0]
-                dead = [r for r in dead if r not in results and r not in errors]
-                for r in dead:
-                    errors[r] = f"process exited with code {procs[r].exitcode}"
-                if time.monotonic() > deadline:
-                    for r in ranks:
-                        if r not in results and r not in errors:
-                            errors[r] = f"timed out after {timeout_s:.0f} s"
+                waiting = [r for r in ranks if r not in results]
+                for r in waiting:
+                    if not procs[r].is_alive() and procs[r].exitcode != 0:
+                        errors[r] = f"process exited with code {procs[r].exitcode}"
+                if not errors and time.monotonic() > deadline:
+                    errors.update({r: f"timed out after {timeout_s:.0f} s" for r in waiting})
+                if errors:
+                    break  # the others would wait for a dead party until the deadline
                 continue
             if status == "ok":
                 results[rank] = pickle.loads(value) if value is not None else None

@@ -20,8 +20,7 @@ Patches (each pinned by a test in tests/test_compat.py):
 6. With the TTP provider, every party but 0 computes a throw-away product per Beaver triple
    to learn its shape; `_triples_without_dummy_products` takes the shape from meta tensors.
 7. The dealer runs `offline.dealer_class()`: CrypTen's TTPServer plus a bulk request (a whole
-   step's triples in one message) answered one step ahead (tests/test_offline.py), seeding its
-   generators from os.urandom, not torch's global generator (seeded, it made triples public).
+   step's triples in one message) answered one step ahead (tests/test_offline.py).
 8. Every opening of shares went through gloo's all_reduce, which costs about 1.3 ms per call on
    loopback even for one element (a send/receive pair: 0.16 ms), and every Beaver product and
    every AND of a comparison opens once: `messages.open_by_exchange` has each party send its
@@ -61,6 +60,9 @@ Patches (each pinned by a test in tests/test_compat.py):
    |v| / 65536 of them at 16 bits. `_exact_decoding` floors by the scale and adds the remainder.
 19. gloo hands each message through its I/O thread (0.3-5 ms a small one here): the computing
    parties link by plain sockets (links.py) for openings, gathers, send and recv (messages.py).
+20. CrypTen's generators are MT19937, predictable from 312 outputs (which one opening shows a
+   party), its dealer's seeds came from torch's global generator: `randomness.install` makes each
+   an AES-CTR stream under a 128-bit key from os.urandom (mpc_ft/randomness.py, offline.py).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 import types
 import warnings
 from collections.abc import Iterator
@@ -78,7 +81,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from mpc_ft import dispatch, messages, truncation
+from mpc_ft import dispatch, messages, randomness, truncation
 
 PROVIDERS = ("TTP", "TFP")
 _STUB_NAME = "torch.onnx._internal.registration"
@@ -189,11 +192,10 @@ def _configure(crypten: types.ModuleType, ep: PartyEndpoint) -> None:
 
 
 def _fast_config(crypten: types.ModuleType) -> None:
-    """Patch 5: CrypTen reads `crypten.cfg` (an OmegaConf tree) inside every operation and
-    merges a new tree for every `temp_override` (reciprocal, exp, max do that per call): at the
-    head's sizes that was about 15% of a party's CPU. From here on the config's values live in a
-    plain nested namespace: reads are attribute lookups, overrides set and restore a value.
-    Same values, same semantics for reading, overriding and setting existing keys."""
+    """Patch 5: CrypTen reads `crypten.cfg` (an OmegaConf tree) in every operation and merges a
+    new tree for every `temp_override` (reciprocal, exp, max: per call), ~15% of a party's CPU at
+    the head's sizes. Now the values live in a plain nested namespace: reads are attribute
+    lookups, overrides set and restore a value; same values and semantics for existing keys."""
     cls = type(crypten.cfg)
     if cls.__dict__.get("_mpcft_fast"):
         return
@@ -444,6 +446,7 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     _check_endpoint(ep, dealer=False)
     crypten = import_crypten()
     _configure(crypten, ep)
+    randomness.install()  # first: patch 6 binds CrypTen's draw function
     _triples_without_dummy_products()
     messages.open_by_exchange()
     messages.gather_by_messages()
@@ -458,6 +461,7 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     _register_autograd_functions(crypten)
     with _process_groups(ep.timeout_s, store):
         crypten.init()
+        randomness.exchange_party_keys(crypten)
     messages.link_parties(ep.address, ep.timeout_s)
     return crypten
 
@@ -477,6 +481,7 @@ def run_dealer(ep: PartyEndpoint, store: Any = None, ahead: bool = True) -> None
     crypten = import_crypten()
     _configure(crypten, ep)
     _fast_wrap_counts()
+    randomness.install()
     from mpc_ft.offline import dealer_class
 
     with _process_groups(ep.timeout_s, store):
@@ -513,7 +518,7 @@ def communication_stats() -> dict[str, float]:
     return {"bytes": int(stats["bytes"]), "rounds": int(stats["rounds"]), "time": stats["time"]}
 
 
-def reset_communication_stats() -> None:
+def reset_communication_stats() -> None:  # CrypTen's counters
     communicator().reset_communication_stats()
 
 
@@ -525,9 +530,6 @@ def all_positive() -> Iterator[None]:
         yield
 
 
-_REGISTERED: set[str] = set()
-
-
 def _register_autograd_functions(crypten: types.ModuleType) -> None:
     """Make mpc_ft's custom autograd functions (ops.py) callable as CrypTensor methods."""
     from crypten.gradients import FUNCTION_REGISTRY
@@ -535,34 +537,28 @@ def _register_autograd_functions(crypten: types.ModuleType) -> None:
     from mpc_ft import ops
 
     for name, cls in ops.mpc_autograd_functions().items():
-        if name not in _REGISTERED:
-            cls.name = name
-            FUNCTION_REGISTRY[name] = cls
-            _REGISTERED.add(name)
+        cls.name = name
+        FUNCTION_REGISTRY[name] = cls
 
 
 @contextlib.contextmanager
 def emulate_latency(seconds_per_round: float) -> Iterator[list[tuple[str, int, float]]]:
     """BENCHMARK EMULATION, not a network feature: sleep `seconds_per_round` once per round.
 
-    A "round" is exactly what CrypTen counts as one: one call of a communicator method decorated
-    with CrypTen's `_logging` (send, recv, all_reduce, broadcast, send_obj, recv_obj, ...; see
-    crypten/communicator/communicator.py). While the block runs, every such call in this process
-    first sleeps `seconds_per_round`, then runs unchanged; CrypTen's own statistics are not
-    touched. It stands in for network latency where the kernel cannot add delay (no netem): it
-    adds a fixed wait per call, not per message, packet or byte, so it knows nothing of how many
-    messages gloo exchanges inside one call, of TCP slow start, or of overlap with a late peer.
+    A "round" is what CrypTen counts as one: a call of a communicator method decorated with its
+    `_logging` (send, recv, all_reduce, broadcast, send_obj, ...). In the block every such call in
+    this process sleeps first, then runs unchanged; CrypTen's statistics are not touched. It
+    stands in for network latency where the kernel cannot add delay (no netem): a fixed wait per
+    call, not per message, packet or byte (nothing of gloo's messages per call, TCP slow start
+    or overlap with a late peer).
 
-    Yields a list filled during the block with one (method name, bytes, seconds) per round, in
-    order: bytes as CrypTen counts them (what the call added to its `comm_bytes`: needs
-    `cfg.communicator.verbose`, which `init_party` turns on), seconds spent in the call after the
-    delay. With 0 it only records. Patches the communicator class of this process (CrypTen's
-    global state) and restores it on exit; nested blocks add their delays up.
+    Yields a list filled with one (method name, bytes, seconds) per round, in order: bytes as
+    CrypTen counts them (its `comm_bytes`: `init_party` turns on `cfg.communicator.verbose`),
+    seconds in the call after the delay. With 0 it only records. Patches this process's
+    communicator class and restores it on exit; nested blocks add their delays up.
     """
     if seconds_per_round < 0:
         raise ValueError(f"negative delay {seconds_per_round}")
-    import time
-
     import_crypten()
     from crypten.communicator.distributed_communicator import DistributedCommunicator as cls
 

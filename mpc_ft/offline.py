@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from mpc_ft import compare, products
+from mpc_ft import compare, products, randomness
 
 BULK = "mpcft_bulk"  # the dealer's method for a list of requests (compat patches it in)
 
@@ -58,13 +57,6 @@ def result_size(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tor
     if name == products.DEALER_METHOD:  # (op, size0, size1): products.dealer_answer, flat
         return torch.Size([sum(s.numel() for s in products.correlation_sizes(*args))])
     raise ValueError(f"unknown dealer call {name!r}")
-
-
-def fresh_seeds(count: int) -> list[int]:
-    """`count` int64 seeds from os.urandom, for the generators the dealer shares with each
-    party (TTPServer drew them from torch's global generator, which any code may seed: see
-    `dealer_class`)."""
-    return [int.from_bytes(os.urandom(8), "big", signed=True) for _ in range(count)]
 
 
 def serve_bulk(server: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> Any:
@@ -116,18 +108,15 @@ def dealer_class() -> type:
                 logging.info("dealer stopping: %s", err)
 
         def _setup_generators(self) -> None:
-            """TTPServer's, with seeds from os.urandom. TTPServer draws them from torch's global
-            generator, which any code may seed (`mpc-ft party` once seeded it with 0): then every
-            party's shares of every triple follow from a constant, and each Beaver opening
-            x - a gives its operand x away (tests/test_offline.py pins this)."""
-            world = comm.get().get_world_size()
-            seeds = fresh_seeds(world)
-            sends = [dist.isend(torch.tensor(seed), dst=i, group=self.ttp_group)
-                     for i, seed in enumerate(seeds)]  # fmt: skip
-            self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            cuda = torch.cuda.is_available()
-            self.generators_cuda = [torch.Generator(device="cuda").manual_seed(s) if cuda else None
-                                    for s in seeds]  # fmt: skip
+            """TTPServer's, with a key from os.urandom and a KeyStream per party (randomness.py)
+            for its seed from torch's global generator, which any code may seed: `mpc-ft party`
+            once seeded it with 0, and every party's shares of every triple followed from a
+            constant (tests/test_offline.py)."""
+            keys = [randomness.new_key() for _ in range(comm.get().get_world_size())]
+            sends = [dist.isend(randomness.key_tensor(key), dst=i, group=self.ttp_group)
+                     for i, key in enumerate(keys)]  # fmt: skip
+            self.generators = [randomness.KeyStream(key) for key in keys]
+            self.generators_cuda = [None] * len(keys)  # CPU only
             for send in sends:
                 send.wait()
             dist.barrier(group=self.ttp_group)

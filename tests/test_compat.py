@@ -216,9 +216,7 @@ def _protocol_patches_party(rank):
     generators = [crypten.generators[k][torch.device("cpu")] for k in ("prev", "next")]
     states = [g.get_state() for g in generators]
     shell = MPCTensor([])
-    out["shell_draws"] = any(
-        not torch.equal(s, g.get_state()) for s, g in zip(states, generators, strict=True)
-    )
+    out["shell_draws"] = any(s != g.get_state() for s, g in zip(states, generators, strict=True))
     # CrypTen's intended empty shell is a plain tensor (unpatched: a shared tensor of nothing)
     out["shell"] = (type(shell._tensor) is torch.Tensor, shell._tensor.numel(), shell.requires_grad)
     # patch 13: attribute reads skip CrypTen's validation wrapper and decide as CrypTen's does

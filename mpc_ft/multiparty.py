@@ -16,8 +16,8 @@ network namespace (tests/netns.py makes them) and talks over that namespace's in
 with `latency_s`, each computing party runs `fn` under `compat.emulate_latency` (benchmarks).
 A party's exception comes back with its traceback; if any party fails, dies or the deadline
 passes, all processes are killed at once and `MultipartyError` names each failed rank
-(tests/test_multiparty.py). Results must be picklable
-(they cross a process boundary back to the parent, never between parties).
+(tests/test_multiparty.py). Results must be picklable (they cross a process boundary back to
+the parent, never between parties).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _party_main(
 
 def _fork_server() -> mp.context.BaseContext:
     """Party processes forked from a fork server that has imported torch and CrypTen once
-    (mpc_ft/preload.py), not spawned afresh: a session starts in about 1 s, not 4-6 s."""
+    (mpc_ft/preload.py), not spawned afresh: a session starts in under 1 s, not 4-6 s."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["mpc_ft.preload"])
     return ctx

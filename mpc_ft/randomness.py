@@ -8,7 +8,7 @@ initial weights) sees the opening e = x - a and holds its own share of a, so it 
 party's share of a, thousands of consecutive outputs of the generator that party shares with
 the dealer. From then on it knows every later triple of that party, and each opening gives away
 its operand: the other party's data, weights and gradients. That breaks the semi-honest model
-the README states; tests/test_randomness.py rebuilds an MT19937 state this way.
+the README states; tests/test_randomness.py predicts MT19937 from 312 outputs.
 
 What: every generator becomes a `KeyStream`, AES-128 in counter mode under a key from os.urandom
 (128 bits): each party's stream shared with the dealer (the dealer sends each party its key,
@@ -33,7 +33,7 @@ import torch
 
 KEY_BYTES = 16  # AES-128
 _CHUNK = 1 << 20  # bytes of keystream per cipher call
-_ZEROS = bytes(_CHUNK)
+_ZEROS = memoryview(bytes(_CHUNK))  # sliced without a copy
 RNG_FUNCTIONS = ("generate_random_ring_element", "generate_kbit_random_tensor")
 
 

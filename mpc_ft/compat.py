@@ -63,6 +63,8 @@ Patches (each pinned by a test in tests/test_compat.py):
 20. CrypTen's generators are MT19937, predictable from 312 outputs (which one opening shows a
    party), its dealer's seeds came from torch's global generator: `randomness.install` makes each
    an AES-CTR stream under a 128-bit key from os.urandom (mpc_ft/randomness.py, offline.py).
+21. A reveal to one party went through gloo's reduce, which leaves each party the plaintext of
+   1/P of the tensor: `messages.reduce_by_gather` gathers the shares at that party instead.
 """
 
 from __future__ import annotations
@@ -450,6 +452,7 @@ def init_party(ep: PartyEndpoint, store: Any = None) -> types.ModuleType:
     _triples_without_dummy_products()
     messages.open_by_exchange()
     messages.gather_by_messages()
+    messages.reduce_by_gather()
     messages.send_and_receive_directly()
     _fast_wrap_counts()
     truncation.install()

@@ -14,6 +14,11 @@ truncation (CrypTen's wrap count gathers the masked shares at party 0) makes one
   ring's 2 (P - 1) / P n, for one exchange instead of 2 (P - 1) steps; CrypTen's counter logs
   2 n per call, so the difference is added to its byte count. Other reductions: gloo's.
 - Gather to one party: each other party sends it its tensor; the same bytes as gloo's gather.
+- Reveal to one party (`reduce`, CrypTen's get_plain_text(dst=k)): a gather of the shares at k,
+  which adds (XORs) them; the others receive nothing. gloo's reduce is a ring reduce-scatter
+  first: every party ends up holding the plaintext sum of its 1/P of the tensor before it sends
+  that on to k, so a reveal of the trained head to the model owner showed each other party part
+  of every weight, and `mpc-ft infer` the client's predicted labels (patch 21).
 - Messages between two computing parties (CrypTen's send and recv: the 3-party fold of
   truncation.py).
 
@@ -135,6 +140,37 @@ def gather_by_messages() -> None:
 
     cls.gather = _logging(gather)
     cls._mpcft_gather = True
+
+
+def reduce_by_gather() -> None:
+    """Patch 21: DistributedCommunicator.reduce as a gather of the shares at `dst`, which adds
+    (or XORs) them (module docstring); returns what CrypTen's does: the result at dst, None
+    elsewhere. Rounds and bytes are counted by the gather, once per tensor."""
+    import torch.distributed as dist
+    from crypten.communicator.distributed_communicator import DistributedCommunicator as cls
+
+    if getattr(cls, "_mpcft_reduce", False):
+        return
+
+    def reduce_one(self, tensor, dst, op):  # noqa: ANN001, ANN202
+        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR):
+            raise ValueError(f"reveal by gather: reduction {op} is neither SUM nor BXOR")
+        shares = self.gather(tensor, dst)
+        if self.get_rank() != dst:
+            return None
+        result = shares[0].clone()
+        for share in shares[1:]:
+            result = result + share if op == dist.ReduceOp.SUM else result ^ share
+        return result
+
+    def reduce(self, input, dst, op=dist.ReduceOp.SUM, batched=False):  # noqa: A002, ANN001, ANN202
+        if not batched:
+            return reduce_one(self, input, dst, op)
+        results = [reduce_one(self, tensor, dst, op) for tensor in input]
+        return results if self.get_rank() == dst else None
+
+    cls.reduce = reduce
+    cls._mpcft_reduce = True
 
 
 def send_and_receive_directly() -> None:

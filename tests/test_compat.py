@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mpc_ft import compat, messages
-from mpc_ft.multiparty import free_port
+from mpc_ft.multiparty import free_port, run_multiparty
 
 
 def test_import_crypten_works_on_this_torch():
@@ -296,3 +296,38 @@ def test_openings_products_shells_and_attribute_reads(parties):
         assert out["unwrapped"] and out["reads"] == []
         decoded = torch.tensor([-14.999862670898438, -2.0, -1.5, -0.25, 0.0, 3.75, -99.99])
         assert (out["decoded"] - decoded).abs().max() < 2e-5
+
+
+def _reveal_to_party_zero(rank):
+    import crypten
+    import torch.distributed as dist
+    from crypten.mpc.primitives import BinarySharedTensor
+
+    secret = torch.arange(12) * 1000 + 7
+    x = crypten.cryptensor(secret.float(), src=1)
+    ring = x.share.clone()  # gloo's own reduce, as CrypTen called it before patch 21
+    dist.reduce(ring, 0, group=compat.communicator().main_group)
+    shown = None if rank == 0 else int((ring == secret * 2**16).sum())
+    calls, original = [], dist.reduce
+    dist.reduce = lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs)
+    try:
+        arithmetic = x.get_plain_text(dst=0)
+        binary = BinarySharedTensor(secret, src=1).get_plain_text(dst=0)
+    finally:
+        dist.reduce = original
+    return shown, len(calls), arithmetic, binary
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_a_reveal_to_one_party_shows_the_others_nothing(parties):
+    """Patch 21. gloo's reduce is a ring reduce-scatter, then a gather: every party but the
+    destination holds the plaintext of its part of the tensor on the way (pinned here), so
+    CrypTen's get_plain_text(dst=k) showed the others part of the value (the trained head, the
+    client's predictions). Now the shares go to k alone, and gloo's reduce is never called."""
+    results = run_multiparty(_reveal_to_party_zero, parties=parties)
+    assert sum(shown for shown, _, _, _ in results[1:]) >= 12 // parties  # the gloo fact
+    assert all(calls == 0 for _, calls, _, _ in results)
+    _, _, arithmetic, binary = results[0]
+    secret = torch.arange(12) * 1000 + 7
+    assert torch.equal(arithmetic, secret.float()) and torch.equal(binary, secret)
+    assert all(a is None and b is None for _, _, a, b in results[1:])

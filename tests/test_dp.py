@@ -219,7 +219,7 @@ def test_mpc_clipping_matches_opacus_and_joint_noise_has_the_configured_std():
     for name in twin:
         scale = (twin[name] - params[name]).abs().max().item()
         err = (trained[name] - twin[name]).abs().max().item()
-        assert err <= 0.05 * scale + 2e-3, (name, err, scale)
+        assert err <= 0.1 * scale + 2e-4, (name, err, scale)  # a lost gradient: err = scale
 
 
 @pytest.mark.parametrize("parties", [2, 3, 5])

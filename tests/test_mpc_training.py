@@ -69,7 +69,7 @@ def test_two_mpc_training_steps_match_the_twin():
     for name in twin:
         scale = (twin[name] - params[name]).abs().max().item()  # how far training moved it
         err = (mpc[name] - twin[name]).abs().max().item()
-        assert err <= 0.05 * scale + 2e-3, (name, err, scale)
+        assert err <= 0.1 * scale + 2e-4, (name, err, scale)  # a lost gradient: err = scale
     # the overflow watchdog's one number at the last step (watchdog_every 10 > 2 steps)
     assert log == [{"what": "watchdog step 2", "to": "all", "count": 1},
                    {"what": "epoch 1", "to": "all", "count": 2}]  # fmt: skip

@@ -41,7 +41,8 @@ GELU_K = math.sqrt(2.0 / math.pi)
 # MpcOps.gelu: relu(x) - g(|x|) with g(t) = t sigmoid(-2k(t + 0.044715 t^3)) (the tanh form's
 # exact remainder) approximated by 0.5 t exp(-(a t + b t^2 + d t^3)), with exp as CrypTen
 # computes it, (1 + y/256)^256 (functions.exp_iterations = 8); minimax fit on [0, 12]: max error
-# 6.7e-5 (tests/test_mpc_ops.py). exp's argument stays above CrypTen's -512 limit for |x| < 24.
+# 6.7e-5 (tests/test_mpc_ops.py). exp's argument stays above CrypTen's -512 limit for |x| < 23.6;
+# beyond, exp and so GELU blow up (0.78 off at 23.6, 2e9 at 24): README, Known limits.
 GELU_EXP = (0.79814153, 0.32237375, 0.02365409)
 QUAD_C = 5.0  # 2Quad's shift (MPCFormer)
 

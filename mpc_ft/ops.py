@@ -14,7 +14,7 @@ hand-derived backward passes (registered by `compat.init_party`):
   row sum of exponentials in [1, C] (`log_in_range`: CrypTen's log reads low there, see its
   docstring); backward: (softmax - y) / B.
 
-Traps from shared/CRYPTEN_NOTES.md avoided here (each pinned in tests/test_ops_mpc.py): indexing
+Traps from shared/CRYPTEN_NOTES.md avoided here (each pinned in tests/test_mpc_ops.py): indexing
 drops gradients (we use narrow/index_select), `max()` cuts gradients (taken on detached values),
 `var(unbiased=False)` is inverted (we use the mean of squares), `x ** 2` raises (we use square()).
 """

@@ -147,6 +147,12 @@ def _traps(crypten) -> dict:
         found["inv_sqrt_grad"] = None if s.grad is None else s.grad.get_plain_text().item()
     except Exception as e:  # noqa: BLE001 - any failure means "no autograd"
         found["inv_sqrt_grad"] = type(e).__name__
+    for name, attempt in {"power_of_two": lambda c: c**2, "torch_plus": lambda c: x + c}.items():
+        try:
+            attempt(crypten.cryptensor(x))
+            found[name] = "works"
+        except Exception as e:  # noqa: BLE001 - which error is the fact
+            found[name] = type(e).__name__
     return found
 
 
@@ -209,6 +215,8 @@ def test_crypten_traps_still_exist(mpc_results):
     assert traps["exp_below_minus_512"].abs().item() > 1.0, "exp below -512 is no longer garbage"
     print("inv_sqrt backward:", traps["inv_sqrt_grad"])
     assert not isinstance(traps["inv_sqrt_grad"], float), "inv_sqrt now has autograd"
+    assert traps["power_of_two"] == "TypeError", "x ** 2 works now: .square() is still cheaper"
+    assert traps["torch_plus"] == "NotImplementedError", "torch + CrypTensor works now"
 
 
 def test_row_max_tree_matches_torch_on_odd_sizes_and_ties(mpc_results):

@@ -42,6 +42,11 @@ from mpc_ft import compare, truncation
 EXP_ITERATIONS = 8  # functions.exp_iterations: exp(x) = (1 + x / 2^8)^(2^8)
 RECIPROCAL_NR_ITERS = 10  # functions.reciprocal_nr_iters
 SQRT_NR_ITERS = 3  # functions.sqrt_nr_iters (inv_sqrt)
+# MpcOps.normalize's Newton steps for 1 / sqrt(var + eps) (CrypTen's default: 3). CrypTen's start
+# is ~2 for small inputs, so 3 steps are right only on [0.1, 100]: 57% low at var 0.0044, where
+# the first LayerNorm of the default head on Rotten Tomatoes starts (0.0044-0.19 over real
+# tokens). 10 steps: within 2e-4 on [0.003, 100], 1.4e-3 at 0.001 (tests/test_mpc_ops.py).
+NORM_SQRT_ITERS = 10
 LOG_ITERATIONS = 2  # functions.log_iterations (Householder steps)
 LOG_ORDER = 8  # functions.log_order (polynomial terms per step)
 SIGMOID_NR_ITERS = 3  # sigmoid's own override of reciprocal_nr_iters (start value 0.75)
@@ -275,12 +280,12 @@ def reciprocal(numel: int, parties: int, *, all_pos: bool = False, ndim: int = 1
     return cost
 
 
-def inv_sqrt(numel: int, parties: int, *, ndim: int = 1) -> Cost:
-    """Start 2.2 exp(-(x/2 + 0.2)) + 0.2 - x/1024 (3 public mul/div, exp), then 3 NR steps
+def inv_sqrt(numel: int, parties: int, *, ndim: int = 1, steps: int = SQRT_NR_ITERS) -> Cost:
+    """Start 2.2 exp(-(x/2 + 0.2)) + 0.2 - x/1024 (3 public mul/div, exp), then `steps` NR steps
     y <- y (3 - x y^2) / 2 (square, 2 mul, public div each)."""
     pub = public_mul(numel, parties, ndim=ndim)
     step = square(numel, parties, ndim=ndim) + 2 * mul(numel, parties, ndim=ndim) + pub
-    return 3 * pub + exp(numel, parties, ndim=ndim) + SQRT_NR_ITERS * step
+    return 3 * pub + exp(numel, parties, ndim=ndim) + steps * step
 
 
 def sqrt(numel: int, parties: int, *, ndim: int = 1) -> Cost:
@@ -418,10 +423,12 @@ def linear(rows: int, d_in: int, d_out: int, parties: int, *, ndim: int = 2) -> 
 
 def layer_norm(rows: int, d: int, parties: int, *, ndim: int = 2) -> Cost:
     """mpcft_normalize on [rows, d] then * gamma + beta: 2 means (public divisions of [rows]),
-    square, inv_sqrt per row, centred * r (r broadcasts) and * gamma (secret [d])."""
+    square, inv_sqrt per row (ops.NORM_SQRT_ITERS steps), centred * r (r broadcasts) and
+    * gamma (secret [d])."""
     n = rows * d
+    r = inv_sqrt(rows, parties, ndim=ndim, steps=NORM_SQRT_ITERS)
     return (2 * public_mul(rows, parties, ndim=ndim) + square(n, parties, ndim=ndim)
-            + inv_sqrt(rows, parties, ndim=ndim) + mul(n, parties, y_numel=rows, ndim=ndim)
+            + r + mul(n, parties, y_numel=rows, ndim=ndim)
             + mul(n, parties, y_numel=d, ndim=ndim))  # fmt: skip
 
 

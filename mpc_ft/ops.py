@@ -30,6 +30,7 @@ import torch
 
 from mpc_ft import compare, rounds
 from mpc_ft.cost_model import (
+    NORM_SQRT_ITERS,
     RECIPROCAL_TOL,
     log_refinement,
     reciprocal_resolves,
@@ -504,6 +505,7 @@ def two_class_parts(logits: Any, onehot: Any) -> tuple[Any, Any, Any, Any]:
 @cache
 def mpc_autograd_functions() -> dict[str, type]:
     """name -> AutogradFunction subclass; compat registers them with CrypTen."""
+    import crypten
     from crypten.gradients import AutogradContext, AutogradFunction
 
     from mpc_ft import compare
@@ -513,7 +515,8 @@ def mpc_autograd_functions() -> dict[str, type]:
         def forward(ctx: Any, x: Any, eps: float) -> Any:
             centred = x - x.mean(-1, keepdim=True)
             var = centred.square().mean(-1, keepdim=True)  # not var(): its `unbiased` is inverted
-            r = (var + eps).inv_sqrt()  # [..., 1]: one inverse square root per row
+            with crypten.cfg.temp_override({"functions.sqrt_nr_iters": NORM_SQRT_ITERS}):
+                r = (var + eps).inv_sqrt()  # [..., 1]: one inverse square root per row
             xhat = centred * r
             ctx.save_multiple_for_backward([xhat, r])
             return xhat

@@ -88,6 +88,8 @@ def _party(rank: int, inputs: dict) -> dict:
             [shared[i].grad.get_plain_text() for i in diff],
         )
     results["traps"] = _traps(crypten)
+    results["normalize_by_variance"] = ops.normalize(crypten.cryptensor(NORMALIZE_ROWS), 1e-5)
+    results["normalize_by_variance"] = results["normalize_by_variance"].get_plain_text()
     results["masked_mean_backward"] = _masked_mean_backward(crypten, ops, *inputs["masked_mean"])
     results["row_max"] = [row_max(crypten.cryptensor(x)).get_plain_text() for x in ROW_MAX]
     results["reciprocal_in_range"] = {
@@ -122,6 +124,15 @@ def _masked_mean_backward(crypten, ops, h, mask) -> tuple[int, int]:
     out.backward(crypten.cryptensor(_upstream(out.size())))
     after = compat.communication_stats()
     return after["rounds"] - before["rounds"], after["bytes"] - before["bytes"]
+
+
+VARIANCES = torch.tensor([0.003, 0.0044, 0.01, 0.05, 0.2, 1.0, 4.0, 50.0])
+NORMALIZE_ROWS = torch.randn(len(VARIANCES), 64, generator=torch.Generator().manual_seed(7))
+NORMALIZE_ROWS = (
+    (NORMALIZE_ROWS - NORMALIZE_ROWS.mean(-1, keepdim=True))
+    / NORMALIZE_ROWS.std(-1, unbiased=False, keepdim=True)
+    * VARIANCES.sqrt().unsqueeze(-1)
+)
 
 
 def _traps(crypten) -> dict:
@@ -203,6 +214,13 @@ def test_masked_softmax_gives_padding_zero_weight(mpc_results):
     out, _ = mpc_results["masked_softmax"]
     assert out[0, :, :, 5:].abs().max() < 1e-3
     torch.testing.assert_close(out.sum(-1), torch.ones(B, H, T), atol=1e-2, rtol=0)
+
+
+def test_normalize_is_right_for_row_variances_from_0_003_to_50(mpc_results):
+    """The first LayerNorm of the default head on Rotten Tomatoes sees row variances from 0.0044;
+    CrypTen's inv_sqrt with its 3 Newton steps was 57% low there (cost_model.NORM_SQRT_ITERS)."""
+    got = mpc_results["normalize_by_variance"]
+    torch.testing.assert_close(got, TorchOps.normalize(NORMALIZE_ROWS, 1e-5), atol=5e-3, rtol=0)
 
 
 def test_crypten_traps_still_exist(mpc_results):

@@ -116,14 +116,34 @@ def secure_weighted_mean(
     return total.narrow(0, 1, length) * inverse, weight
 
 
+TOTAL_IN_RANGE = "total training examples within [federated.min_examples, max_examples]"
+
+
+def declared_reveals(job: JobConfig, shapes: dict[str, Any], test_examples: int) -> list[dict]:
+    """Federated mode's reveal policy, in order (README, Federated mode; sharing.Revealer checks
+    each reveal against it): the initial head, the total-count check, then per round the mean
+    loss and accuracy per local epoch and the averaged update, then the test accuracy."""
+    policy: list[dict[str, Any]] = [{"what": "initial head", "to": "all", "count": len(shapes)}]
+    for r in range(job.federated.rounds):
+        if r == 0:
+            policy.append({"what": TOTAL_IN_RANGE, "to": "all", "count": 1})
+        policy += [
+            {"what": f"round {r + 1}: mean loss and accuracy per local epoch", "to": "all",
+             "count": 2 * job.federated.local_epochs},
+            {"what": f"round {r + 1}: averaged update", "to": "all", "count": len(shapes)},
+        ]  # fmt: skip
+    if test_examples:
+        policy.append({"what": "test accuracy", "to": "all", "count": 1})
+    return policy
+
+
 def check_total_in_range(weight: Any, fed: FederatedConfig, revealer: Any) -> None:
     """Open one bit: whether the total example count lies in the job's declared range."""
     s, slack = scale(fed), 1e-3  # w_i are fixed-point encodings: allow their rounding
     inside = weight.ge(fed.min_examples / s * (1 - slack)) * weight.le(
         fed.max_examples / s * (1 + slack)
     )
-    what = "total training examples within [federated.min_examples, max_examples]"
-    (ok,) = revealer.scalars([inside.reshape(())], what)
+    (ok,) = revealer.scalars([inside.reshape(())], TOTAL_IN_RANGE)
     if ok < 0.5:
         raise BadInput(f"the data owners' training examples add up to a number outside "
                        f"[{fed.min_examples}, {fed.max_examples}] (federated.min_examples, "
@@ -259,7 +279,9 @@ def party_result(
     t1 = time.perf_counter()
     shared = sharing.share_head(crypten, initial, shapes, job.rank(job.model_owner.name))
     seconds_sharing = time.perf_counter() - t1
-    revealer = sharing.Revealer(job, rank)
+    revealer = sharing.Revealer(
+        job, rank, declared_reveals(job, shapes, sum(s.test for s in everyone))
+    )
     compat.reset_communication_stats()
     t2 = time.perf_counter()
     params, history = run_rounds(crypten, job, rank, local["train"] if local else None, shared,

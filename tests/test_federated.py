@@ -112,7 +112,7 @@ def _rounds_party(rank, job, owners, bad_job):
             initial = head_def.init_params(job.head, WIDTH, 2, job.train.seed)
         shapes = head_def.param_shapes(job.head, WIDTH, 2)
         shared = share_head(crypten, initial, shapes, src=1)
-        revealer = Revealer(job, rank)
+        revealer = Revealer(job, rank, federated.declared_reveals(job, shapes, 0))  # checked
         params, history = federated.run_rounds(crypten, job, rank, owners[rank], shared, revealer)
         # Counts outside the declared range: every party stops with the same BadInput.
         fed = bad_job.federated
@@ -184,6 +184,21 @@ def _federated_reveals(metrics: int) -> list[dict]:
         {"what": "round 2: mean loss and accuracy per local epoch", "to": "all", "count": metrics},
         {"what": "round 2: averaged update", "to": "all", "count": 16},
     ]  # fmt: skip
+
+
+def test_the_federated_policy_declares_the_reveals_a_run_makes_and_refuses_others():
+    from mpc_ft import compat
+    from mpc_ft.sharing import Revealer, UndeclaredReveal
+
+    compat.import_crypten()  # Revealer.scalars imports it; the check refuses before decrypting
+    job = _job()
+    shapes = head_def.param_shapes(job.head, WIDTH, 2)
+    assert federated.declared_reveals(job, shapes, 0) == _federated_reveals(4)  # 2 local epochs
+    policy = federated.declared_reveals(job, shapes, 7)
+    assert policy[-1] == {"what": "test accuracy", "to": "all", "count": 1}
+    revealer = Revealer(job, 0, policy)
+    with pytest.raises(UndeclaredReveal, match="initial head"):
+        revealer.scalars([], "round 1: averaged update")
 
 
 # ------------------------------------------------------------------- the demo, end to end

@@ -220,7 +220,8 @@ def test_normalize_is_right_for_row_variances_from_0_003_to_50(mpc_results):
     """The first LayerNorm of the default head on Rotten Tomatoes sees row variances from 0.0044;
     CrypTen's inv_sqrt with its 3 Newton steps was 57% low there (cost_model.NORM_SQRT_ITERS)."""
     got = mpc_results["normalize_by_variance"]
-    torch.testing.assert_close(got, TorchOps.normalize(NORMALIZE_ROWS, 1e-5), atol=5e-3, rtol=0)
+    # relative: var 0.003 is ~200 units at 16 bits, so r itself is only right to ~0.3%
+    torch.testing.assert_close(got, TorchOps.normalize(NORMALIZE_ROWS, 1e-5), atol=2e-3, rtol=1e-2)
 
 
 def test_crypten_traps_still_exist(mpc_results):

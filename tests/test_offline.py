@@ -83,7 +83,7 @@ def test_steps_from_cached_triples_match_the_twin_and_skip_the_dealer(ahead):
         for name, value in twin.items():
             scale = (value - params[name]).abs().max().item()
             err = (trained[name] - value.detach()).abs().max().item()
-        assert err <= 0.1 * scale + 2e-4, (name, err, scale)  # a lost gradient: err = scale
+            assert err <= 0.1 * scale + 2e-4, (name, err, scale)  # a lost gradient: err = scale
     (_, first, fills), (_, second, _) = results
     if ahead:  # steps 2-5 were preceded by a fill; 2, 3 and 5 found every triple in the cache
         assert fills == 4

@@ -423,7 +423,7 @@ def linear(rows: int, d_in: int, d_out: int, parties: int, *, ndim: int = 2) -> 
 
 def layer_norm(rows: int, d: int, parties: int, *, ndim: int = 2) -> Cost:
     """mpcft_normalize on [rows, d] then * gamma + beta: 2 means (public divisions of [rows]),
-    square, inv_sqrt per row (ops.NORM_SQRT_ITERS steps), centred * r (r broadcasts) and
+    square, inv_sqrt per row (NORM_SQRT_ITERS steps), centred * r (r broadcasts) and
     * gamma (secret [d])."""
     n = rows * d
     r = inv_sqrt(rows, parties, ndim=ndim, steps=NORM_SQRT_ITERS)

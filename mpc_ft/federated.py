@@ -123,10 +123,11 @@ def declared_reveals(job: JobConfig, shapes: dict[str, Any], test_examples: int)
     """Federated mode's reveal policy, in order (README, Federated mode; sharing.Revealer checks
     each reveal against it): the initial head, the total-count check, then per round the mean
     loss and accuracy per local epoch and the averaged update, then the test accuracy."""
-    policy: list[dict[str, Any]] = [{"what": "initial head", "to": "all", "count": len(shapes)}]
+    policy: list[dict[str, Any]] = [
+        {"what": "initial head", "to": "all", "count": len(shapes)},
+        {"what": TOTAL_IN_RANGE, "to": "all", "count": 1},  # in round 1 (rounds >= 1: config)
+    ]
     for r in range(job.federated.rounds):
-        if r == 0:
-            policy.append({"what": TOTAL_IN_RANGE, "to": "all", "count": 1})
         policy += [
             {"what": f"round {r + 1}: mean loss and accuracy per local epoch", "to": "all",
              "count": 2 * job.federated.local_epochs},

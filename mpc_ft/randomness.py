@@ -34,7 +34,6 @@ import torch
 KEY_BYTES = 16  # AES-128
 _CHUNK = 1 << 20  # bytes of keystream per cipher call
 _ZEROS = memoryview(bytes(_CHUNK))  # sliced without a copy
-RNG_FUNCTIONS = ("generate_random_ring_element", "generate_kbit_random_tensor")
 
 
 def _cipher(key: bytes, block: int) -> Any:
@@ -124,13 +123,13 @@ def install() -> None:
 
     new = {"generate_random_ring_element": ring_elements,
            "generate_kbit_random_tensor": kbit_elements}  # fmt: skip
-    original = {function: getattr(rng, function) for function in RNG_FUNCTIONS}
+    original = {function: getattr(rng, function) for function in new}
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "crypten" or name.startswith("crypten.")):
             continue
-        for function in RNG_FUNCTIONS:
+        for function, replacement in new.items():
             if getattr(module, function, None) is original[function]:
-                setattr(module, function, new[function])
+                setattr(module, function, replacement)
     from crypten.mpc.provider.ttp_provider import TTPClient
 
     TTPClient._TTPClient__TTPClient._setup_generators = receive_dealer_key
